@@ -1,0 +1,86 @@
+"""The one place where a config ``type`` becomes code.
+
+``resolve("data", "swift")`` imports :mod:`sqapi.connectors.data.swift`.  A type may
+also be an installed package's entry point (group ``sqapi.connectors.<topic>``) or a
+fully qualified name: ``mypkg.store`` (a module) or ``mypkg.store:attr``.
+An unknown type is a :class:`~sqapi.errors.ConfigError` listing the types available.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+from sqapi.errors import ConfigError
+
+#: config topic -> connector package under sqapi.connectors
+TOPIC_PACKAGES = {
+    "data_store": "data",
+    "meta_store": "meta",
+    "msg_broker": "listeners",
+    "database": "db",
+}
+
+
+def builtin_types(package: str) -> list[str]:
+    """The connector types shipped in ``sqapi.connectors.<package>``: one module per type."""
+    pkg = importlib.import_module(f"sqapi.connectors.{package}")
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def entry_points(group: str) -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=group)}
+
+
+def available_types(package: str) -> list[str]:
+    return sorted(set(builtin_types(package)) | set(entry_points(f"sqapi.connectors.{package}")))
+
+
+def resolve(topic: str, kind: str, source: str | None = None) -> Any:
+    """Return the module (or object) implementing connector ``kind`` for config topic ``topic``."""
+    package = TOPIC_PACKAGES[topic]
+    key = f"{topic}.type"
+    if ":" in kind or "." in kind:
+        return _import_qualified(kind, key, source)
+    if kind in builtin_types(package):
+        return _import(f"sqapi.connectors.{package}.{kind}", key, source)
+    eps = entry_points(f"sqapi.connectors.{package}")
+    if kind in eps:
+        try:
+            return eps[kind].load()
+        except Exception as exc:
+            raise ConfigError(key, f"the entry point for type '{kind}' failed to load ({exc})",
+                              f"reinstall the package that provides it ({eps[kind].value})", source) from None
+    choices = available_types(package)
+    hint = difflib.get_close_matches(kind, choices, n=1)
+    fix = f"use one of: {', '.join(choices)}"
+    if hint:
+        fix = f"did you mean '{hint[0]}'? ({fix})"
+    raise ConfigError(key, f"unknown type '{kind}'", fix, source)
+
+
+def _import(module_name: str, key: str, source: str | None) -> ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(key, f"module '{module_name}' not found", "check the spelling and that its "
+                              "package is installed", source) from None
+        raise ConfigError(key, f"'{module_name}' needs the package '{exc.name}', which is not installed",
+                          f"pip install {exc.name}", source) from None
+
+
+def _import_qualified(kind: str, key: str, source: str | None) -> Any:
+    module_name, _, attr = kind.partition(":")
+    module = _import(module_name, key, source)
+    if not attr:
+        return module
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(key, f"'{module_name}' has no attribute '{attr}'",
+                          f"name an attribute that exists in {module_name}", source) from None

@@ -1,0 +1,36 @@
+"""Values of the wrong type stop the command with one line naming the file, the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import sqapi
+
+WRONG = [
+    ("data_store:\n  type: disk\n  base_dir: 123\n", "data_store.base_dir"),
+    ("meta_store:\n  type: file\n  base_dir: [a]\n", "meta_store.base_dir"),
+    ("msg_broker:\n  type: directory\n  poll_interval: soon\n", "msg_broker.poll_interval"),
+    ("msg_broker:\n  type: directory\n  poll_interval: 0\n", "msg_broker.poll_interval"),
+    ("msg_broker:\n  type: directory\n  workers: 2.5\n", "msg_broker.workers"),
+    ("msg_broker:\n  type: directory\n  directory: 7\n", "msg_broker.directory"),
+    ("api:\n  port: abc\n", "api.port"),
+    ("api:\n  port: 70000\n", "api.port"),
+    ("api:\n  host: 12\n", "api.host"),
+    ("api:\n  token: [x]\n", "api.token"),
+]
+
+
+@pytest.mark.parametrize("command", ["check", "process"])
+@pytest.mark.parametrize(("content", "key"), WRONG)
+def test_a_value_of_the_wrong_type_stops_with_one_line_naming_file_key_and_fix(
+        workdir: Path, write_data, command: str, content: str, key: str) -> None:
+    (workdir / "wrong.yml").write_text(content)
+    args = ["process", write_data("x.txt", "x")] if command == "process" else ["check"]
+    result = sqapi("-c", "wrong.yml", *args, cwd=workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    naming = [line for line in output.splitlines() if "wrong.yml" in line and key in line and "Fix:" in line]
+    assert len(naming) == 1, output
