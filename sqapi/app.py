@@ -1,0 +1,156 @@
+"""The one builder that wires sqapi together: config -> connectors -> plugins -> processor.
+
+Nothing happens at import time; :func:`build` connects in a clear order (database first:
+without it nothing can be recorded) and :meth:`Sqapi.close` closes what it opened.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqapi import registry
+from sqapi.config import Config
+from sqapi.connectors.data import DataStore
+from sqapi.connectors.db import CORE_SCRIPTS, init_script_of
+from sqapi.connectors.meta import MetaStore
+from sqapi.core.outcome import Delivery, Outcome
+from sqapi.core.plugins import PluginSet, load_plugins
+from sqapi.core.processor import Processor
+from sqapi.errors import ConfigError, PluginLoadError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_connector(config: Config, topic: str) -> Any:
+    """The module for ``config[topic].type``, after its own ``validate_config`` accepted the section."""
+    section = config.get(topic) or {}
+    kind = str(section.get("type"))
+    module = registry.resolve(topic, kind, source=config.source)
+    validate = getattr(module, "validate_config", None)
+    if callable(validate):
+        try:
+            validate(section)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.problem, exc.fix, config.source) from None
+    return module
+
+
+def validate(config: Config) -> None:
+    """Every check that needs no network: connector types resolve and accept their sections."""
+    for topic in registry.TOPIC_PACKAGES:
+        resolve_connector(config, topic)
+    init = init_script_of(config.get("database") or {})
+    if init and not Path(init).exists():
+        raise ConfigError("database.init", f"init script '{init}' not found", "create it or remove the key",
+                          config.source)
+    if not (CORE_SCRIPTS / "init.sql").exists():
+        raise ConfigError("database", f"the core schema {CORE_SCRIPTS / 'init.sql'} is missing",
+                          "run sqapi from its source tree (pip install -e .)", config.source)
+
+
+def database_factory(config: Config) -> Callable[[dict[str, Any]], Any]:
+    """Builds Database objects of the configured type for any ``database`` section."""
+    module = resolve_connector(config, "database")
+
+    def make(section: dict[str, Any]) -> Any:
+        return module.Database(section)
+
+    return make
+
+
+@dataclass
+class Sqapi:
+    """A wired sqapi instance: what ``sqapi run``, ``loader``, ``process`` and the API share."""
+
+    config: Config
+    database: Any
+    data_store: DataStore
+    meta_store: MetaStore
+    plugins: PluginSet
+    processor: Processor
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def process(self, raw: bytes | str | Mapping[str, Any], delivery: Delivery) -> Outcome:
+        return self.processor.process(raw, delivery)
+
+    def require_plugins(self) -> None:
+        """Refuse to process when a plugin named in active_plugins or $PLUGIN failed to load.
+
+        Processing without it would record messages DONE that it never saw, and a redelivery
+        would then skip them for good.
+        """
+        failed = self.plugins.requested_failures()
+        if failed:
+            reasons = "; ".join(f"{p.name}: {p.reason}" for p in failed)
+            raise PluginLoadError(f"requested plugin{'s' if len(failed) > 1 else ''} failed to load, so nothing "
+                                  f"is processed ({reasons}). Fix the plugin or remove it from active_plugins")
+        if not self.plugins.order:
+            log.warning("no active plugin: messages will be recorded DONE without any plugin running")
+
+    def create_listener(self) -> Any:
+        module = resolve_connector(self.config, "msg_broker")
+        section = dict(self.config["msg_broker"])
+        section.setdefault("workers", (self.config.get("processing") or {}).get("workers", 4))
+        if "process_batch" in inspect.signature(module.Listener).parameters:
+            return module.Listener(section, self.processor.process, process_batch=self.processor.process_batch)
+        return module.Listener(section, self.processor.process)
+
+    def close(self) -> None:
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception:  # closing is best effort: one failure must not keep others open
+                log.exception("error while closing")
+        self._closers.clear()
+
+
+def build(config: Config) -> Sqapi:
+    """Validate, connect the database, load plugins, connect the stores, build the processor."""
+    validate(config)
+    make_database = database_factory(config)
+    database_section = dict(config["database"])
+    init = init_script_of(database_section)
+    if init:
+        database_section["init"] = os.path.abspath(init)
+    database = make_database(database_section)
+    closers: list[Callable[[], None]] = [database.close]
+    try:
+        database.initialize_database()
+        database.initialize_message_table()
+        plugins = load_plugins(config, make_database)
+        closers.append(plugins.close)
+        _refuse_unknown_plugin_names(config, plugins)
+        data_store = DataStore(resolve_connector(config, "data_store"), dict(config["data_store"]))
+        data_store.connect()
+        closers.append(data_store.close)
+        meta_store = MetaStore(resolve_connector(config, "meta_store"), dict(config["meta_store"]))
+        meta_store.connect()
+        closers.append(meta_store.close)
+        processor = Processor(config, database, data_store, meta_store, plugins)
+        closers.append(processor.close)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    return Sqapi(config, database, data_store, meta_store, plugins, processor, closers)
+
+
+def _refuse_unknown_plugin_names(config: Config, plugins: PluginSet) -> None:
+    """A name in active_plugins or $PLUGIN that matches no plugin is a typo: stop with the names available."""
+    missing = sorted(p.name for p in plugins.plugins.values() if p.missing)
+    if not missing:
+        return
+    available = sorted(p.name for p in plugins.plugins.values() if not p.missing)
+    hints = [hint for name in missing for hint in difflib.get_close_matches(name, available, n=1)]
+    fix = f"use one of: {', '.join(available) or '(no plugins found)'}"
+    if hints:
+        fix = f"did you mean {', '.join(repr(h) for h in hints)}? ({fix})"
+    key = "$PLUGIN" if os.environ.get("PLUGIN") else "active_plugins"
+    raise ConfigError(key, f"no plugin named {', '.join(repr(m) for m in missing)}", fix, config.source)

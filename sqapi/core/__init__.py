@@ -1,0 +1,1 @@
+"""sqapi's core: messages, the processor, plugin loading and the status model."""

@@ -1,0 +1,384 @@
+"""Plugin discovery, loading and checking.
+
+A plugin is a folder (sqAPI's layout)::
+
+    <name>/__init__.py              def execute(config, database, message, metadata, data): ...
+    <name>/config.yml               merged over the main config for this plugin only
+    <name>/scripts/init.sql         run by the plugin's Database at startup
+    <name>/blueprints/*.py          each exposing ``bp = flask.Blueprint(...)``
+
+or an installed module registered under the ``sqapi.plugins`` entry point group.  Folders are
+searched in ``plugins/`` of the working directory and of the project, in ``plugin_dirs`` from
+the config and in ``$SQAPI_PLUGIN_DIRS``; the first folder of a name wins.
+
+Every problem is pinned on its plugin -- a broken import, a wrong ``execute`` signature, a
+missing init script, a bad config value -- and recorded as that plugin's ``reason`` while
+the others load.  A plugin's optional ``check(config)`` may raise
+:class:`~sqapi.errors.PluginNotConfigured` to stay inactive ("unloaded") until configured.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+import traceback
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sqapi.config import Config, deep_merge, read_yaml, substitute_env
+from sqapi.connectors.db import init_script_of
+from sqapi.errors import ConfigError, PluginNotConfigured, SqapiError
+
+log = logging.getLogger(__name__)
+
+PROJECT_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+MODULE_PREFIX = "sqapi_plugins"
+ACTIVE, UNLOADED, FAILED = "active", "unloaded", "failed"
+
+
+@dataclass
+class Plugin:
+    """One plugin as loaded: its module, merged config, database and state."""
+
+    name: str
+    directory: Path | None
+    state: str = ACTIVE
+    reason: str | None = None
+    module: types.ModuleType | None = None
+    config: Config = field(default_factory=Config)
+    database: Any = None
+    mime_types: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=lambda: ["process"])
+    timeout: float | None = None
+    blueprints: list[Any] = field(default_factory=list)
+    blueprint_errors: list[str] = field(default_factory=list)
+    requested: bool = False  # named by active_plugins or $PLUGIN (not merely found)
+    missing: bool = False    # requested, but no plugin of that name exists
+
+    def accepts(self, mime: str | None) -> bool:
+        """True when the plugin takes data of type ``mime`` (an empty filter takes every type)."""
+        if not self.mime_types:
+            return True
+        if not mime:
+            return False
+        mime = mime.split(";")[0].strip().lower()
+        return any(fnmatch.fnmatch(mime, pattern.lower()) for pattern in self.mime_types)
+
+    def fail(self, reason: str) -> None:
+        self.state, self.reason = FAILED, reason
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "reason": self.reason,
+            "directory": str(self.directory) if self.directory else None,
+            "mime_types": list(self.mime_types),
+            "after": list(self.after),
+            "actions": list(self.actions),
+            "timeout": self.timeout,
+            "blueprint_errors": list(self.blueprint_errors),
+        }
+
+
+@dataclass
+class PluginSet:
+    """Every plugin found, and the active ones in execution order (``plugin.after`` respected)."""
+
+    plugins: dict[str, Plugin]
+    order: list[str]
+
+    @property
+    def active(self) -> list[Plugin]:
+        return [self.plugins[name] for name in self.order]
+
+    def for_type(self, mime: str | None, action: str = "process") -> list[Plugin]:
+        """Active plugins, in order, that take data of type ``mime`` for ``action`` (process or delete)."""
+        return [p for p in self.active if action in p.actions and (action != "process" or p.accepts(mime))]
+
+    def requested_failures(self) -> list[Plugin]:
+        """Plugins named in active_plugins or $PLUGIN that did not load: a loader must not run without them."""
+        return [p for p in self.plugins.values() if p.requested and p.state == FAILED]
+
+    def close(self) -> None:
+        for plugin in self.plugins.values():
+            if plugin.database is not None and hasattr(plugin.database, "close"):
+                plugin.database.close()
+
+
+def plugin_dirs(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> list[Path]:
+    """The folders searched for plugins, in order, without duplicates."""
+    env = os.environ if env is None else env
+    candidates = [Path.cwd() / "plugins", PROJECT_PLUGINS]
+    candidates += [Path(p) for p in config.get("plugin_dirs") or []]
+    candidates += [Path(p) for p in env.get("SQAPI_PLUGIN_DIRS", "").split(os.pathsep) if p]
+    seen: list[Path] = []
+    for path in candidates:
+        resolved = path.resolve()
+        if resolved not in seen and resolved.is_dir():
+            seen.append(resolved)
+    return seen
+
+
+def discover(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Plugin]:
+    """Every plugin folder and entry point, first of a name wins (later ones are logged)."""
+    found: dict[str, Plugin] = {}
+    for folder in plugin_dirs(config, env):
+        for child in sorted(folder.iterdir()):
+            if not child.is_dir() or child.name.startswith((".", "_")) or not (child / "__init__.py").exists():
+                continue
+            if child.name in found:
+                log.info("plugin %s in %s is shadowed by %s", child.name, child, found[child.name].directory)
+                continue
+            found[child.name] = Plugin(name=child.name, directory=child)
+    for ep in importlib_metadata.entry_points(group="sqapi.plugins"):
+        if ep.name in found:
+            continue
+        plugin = Plugin(name=ep.name, directory=None)
+        try:
+            module = ep.load()
+            plugin.module = module
+            plugin.directory = Path(module.__file__).parent if getattr(module, "__file__", None) else None
+        except Exception as exc:
+            plugin.fail(f"entry point {ep.value} failed to load: {type(exc).__name__}: {exc}")
+        found[ep.name] = plugin
+    return found
+
+
+def load_plugins(config: Config, make_database: Callable[[dict[str, Any]], Any],
+                 env: Mapping[str, str] | None = None) -> PluginSet:
+    """Discover, select, load and check plugins; ``make_database(section)`` builds a plugin's Database."""
+    env = os.environ if env is None else env
+    found = discover(config, env)
+    only = env.get("PLUGIN")
+    wanted: list[str] | None = [only] if only else config.get("active_plugins")
+    if wanted is not None:
+        for name in wanted:
+            if name not in found:
+                dirs = ", ".join(str(d) for d in plugin_dirs(config, env)) or "(no plugin folders)"
+                found[name] = Plugin(name=name, directory=None, state=FAILED, missing=True,
+                                     reason=f"listed as active but not found in {dirs}")
+            found[name].requested = True
+        for name, plugin in found.items():
+            if name not in wanted and plugin.state == ACTIVE:
+                plugin.state = UNLOADED
+                plugin.reason = "PLUGIN selects another plugin" if only else "not in active_plugins"
+    for plugin in found.values():
+        if plugin.state == ACTIVE:
+            _load_one(plugin, config, make_database)
+    order = _execution_order([p for p in found.values() if p.state == ACTIVE])
+    for plugin in found.values():
+        if plugin.state == FAILED:
+            log.error("plugin %s failed to load: %s", plugin.name, plugin.reason)
+        elif plugin.state == UNLOADED:
+            log.info("plugin %s not loaded: %s", plugin.name, plugin.reason)
+    return PluginSet(plugins=found, order=order)
+
+
+def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, Any]], Any]) -> None:
+    where = f"plugin '{plugin.name}' ({plugin.directory or 'entry point'})"
+    try:
+        own = _own_config(plugin)
+        plugin.config = _merged_config(main, own, plugin)
+        if plugin.module is None:
+            plugin.module = _import_plugin(plugin)
+        _check_execute(plugin.module)
+        section = plugin.config.get("plugin") or {}
+        plugin.mime_types = _mime_types(plugin.config)
+        plugin.after = _string_list(section.get("after"), "plugin.after")
+        plugin.actions = _string_list(section.get("actions"), "plugin.actions") or ["process"]
+        unknown = sorted(set(plugin.actions) - {"process", "delete"})
+        if unknown:
+            raise ValueError(f"plugin.actions may hold process and delete, not {', '.join(unknown)}")
+        timeout = section.get("timeout", (main.get("processing") or {}).get("plugin_timeout"))
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or timeout < 0):
+            raise ValueError(f"plugin.timeout must be a number of seconds, not {timeout!r}")
+        plugin.timeout = float(timeout) if timeout else None
+        check = getattr(plugin.module, "check", None)
+        if callable(check):
+            check(plugin.config)
+        plugin.database = _plugin_database(plugin, own, make_database)
+    except PluginNotConfigured as exc:
+        plugin.state, plugin.reason = UNLOADED, f"not configured: {exc}"
+        return
+    except (SqapiError, ValueError, TypeError, OSError, yaml.YAMLError) as exc:
+        plugin.fail(f"{where}: {exc}")
+        return
+    except Exception as exc:  # a plugin's own code raised at import or check time
+        plugin.fail(f"{where}: {_describe_exception(exc)}")
+        return
+    _load_blueprints(plugin)
+
+
+def _own_config(plugin: Plugin) -> dict[str, Any]:
+    if plugin.directory is None or not (plugin.directory / "config.yml").exists():
+        return {}
+    path = plugin.directory / "config.yml"
+    return substitute_env(read_yaml(path), str(path))
+
+
+def _merged_config(main: Config, own: Mapping[str, Any], plugin: Plugin) -> Config:
+    merged = deep_merge(main, own)
+    merged["plugin"] = dict(merged.get("plugin") or {})
+    merged["plugin"].update(name=plugin.name, directory=str(plugin.directory) if plugin.directory else None)
+    # the core's init script is not the plugin's: only the plugin's own config.yml names one
+    database = dict(merged.get("database") or {})
+    database.pop("init", None)
+    database.pop("scripts", None)
+    merged["database"] = database
+    config = Config(merged)
+    config.source = str(plugin.directory / "config.yml") if plugin.directory else main.source
+    return config
+
+
+def _import_plugin(plugin: Plugin) -> types.ModuleType:
+    assert plugin.directory is not None
+    if MODULE_PREFIX not in sys.modules:
+        package = types.ModuleType(MODULE_PREFIX)
+        package.__path__ = []
+        sys.modules[MODULE_PREFIX] = package
+    name = f"{MODULE_PREFIX}.{plugin.name}"
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[loaded]  # a plugin of the same name loaded earlier from another folder
+    spec = importlib.util.spec_from_file_location(name, plugin.directory / "__init__.py",
+                                                  submodule_search_locations=[str(plugin.directory)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _check_execute(module: types.ModuleType) -> None:
+    execute = getattr(module, "execute", None)
+    if not callable(execute):
+        raise TypeError("has no function execute(config, database, message, metadata, data)")
+    try:
+        inspect.signature(execute).bind(None, None, None, None, None)
+    except TypeError:
+        raise TypeError(f"execute{inspect.signature(execute)} cannot be called as "
+                        "execute(config, database, message, metadata, data)") from None
+
+
+def _mime_types(config: Mapping[str, Any]) -> list[str]:
+    section = config.get("plugin") or {}
+    if section.get("mime_types") is not None:
+        return _string_list(section.get("mime_types"), "plugin.mime_types")
+    return _string_list((config.get("msg_broker") or {}).get("supported_mime"), "msg_broker.supported_mime")
+
+
+def _string_list(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{key} must be a list of strings, not {value!r}")
+
+
+def _plugin_database(plugin: Plugin, own: Mapping[str, Any], make_database: Callable[[dict[str, Any]], Any]) \
+        -> Any:
+    section = dict(plugin.config.get("database") or {})
+    named = init_script_of(own.get("database") or {})
+    if named:
+        base = plugin.directory or Path.cwd()
+        script = Path(named) if os.path.isabs(named) else base / named
+        if not script.exists():
+            raise ConfigError("database.init", f"init script '{named}' not found", f"create {script} or remove "
+                              "the key", plugin.config.source)
+        section["init"] = str(script)
+    elif plugin.directory is not None and (plugin.directory / "scripts" / "init.sql").exists():
+        section["init"] = str(plugin.directory / "scripts" / "init.sql")
+    database = make_database(section)
+    database.initialize_database()
+    return database
+
+
+def _load_blueprints(plugin: Plugin) -> None:
+    if plugin.directory is None:
+        return
+    folder = ((plugin.config.get("api") or {}).get("blueprints_directory")) or "blueprints"
+    directory = plugin.directory / str(folder)
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.glob("*.py")):
+        if path.name.startswith("__"):
+            continue
+        # no dots in the module name: sqAPI blueprints are written Blueprint(__name__, __name__), and
+        # Flask refuses blueprint names with dots
+        name = f"{MODULE_PREFIX}__{plugin.name}__{folder}__{path.stem}".replace("-", "_").replace(".", "_")
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            bp = getattr(module, "bp", None)
+            if bp is None or not hasattr(bp, "register"):
+                raise TypeError("does not expose bp = flask.Blueprint(...)")
+            plugin.blueprints.append(bp)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            message = f"blueprint {path.name}: {_describe_exception(exc)}"
+            plugin.blueprint_errors.append(message)
+            log.error("plugin %s: %s", plugin.name, message)
+
+
+def _execution_order(active: Iterable[Plugin]) -> list[str]:
+    """Names in an order where each plugin comes after those in its ``after``; a cycle fails its members.
+
+    ``after: ['*']`` means after every other active plugin that does not say ``'*'`` itself.
+    """
+    plugins = {p.name: p for p in active}
+
+    def dependencies(name: str) -> list[str]:
+        if "*" in plugins[name].after:
+            return sorted(n for n, p in plugins.items() if n != name and "*" not in p.after)
+        return plugins[name].after
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> bool:
+        if state.get(name) == "done":
+            return True
+        if state.get(name) == "visiting":
+            cycle = path[path.index(name):] + [name]
+            for member in cycle:
+                plugins[member].fail(f"plugin.after makes a cycle: {' -> '.join(cycle)}")
+            return False
+        state[name] = "visiting"
+        ok = True
+        for dependency in dependencies(name):
+            if dependency in plugins and not visit(dependency, path + [name]):
+                ok = False
+        state[name] = "done"
+        if ok and plugins[name].state == ACTIVE:
+            order.append(name)
+        return ok
+
+    for name in sorted(plugins):
+        visit(name, [])
+    return [name for name in order if plugins[name].state == ACTIVE]
+
+
+def _describe_exception(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -1,0 +1,633 @@
+"""The processor: one message in, one recorded :class:`~sqapi.core.outcome.Outcome` out.
+
+validate -> record -> download data -> fetch metadata -> guess mime type -> sha256 ->
+run every active plugin that accepts the type (in ``plugin.after`` order, each with its
+own copies, each bounded by its timeout, each failure isolated) -> record the outcome.
+
+Only the processor writes status.  Listeners act on the outcome it returns: ack, retry
+after a delay, or dead-letter.  A message is never acknowledged before its outcome is
+recorded: when the status database itself fails, the outcome is RETRY.
+
+:meth:`Processor.process_batch` takes several deliveries at once (the RabbitMQ listener's
+batches) and shares their status writes: the attempts in one statement, then each plugin over
+the batch with its rows in one statement, the last plugin's rows together with the final
+statuses.  A message's plugin DONE (and its hash) is recorded before its next plugin runs, so a
+crash never re-runs a finished plugin.  The PROCESSING status goes with the first plugin rows,
+or on its own once a plugin call has run for ``PROCESSING_STATUS_AFTER`` seconds (so a long
+plugin shows as PROCESSING while it runs): quick plugins cost no write of their own.
+:meth:`Processor.process` is a batch of one: there is one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqapi.connectors.data import DataStore, LocalCopy
+from sqapi.connectors.db import dump_result, result_was_omitted
+from sqapi.connectors.meta import MetaStore
+from sqapi.core.content import guess_mime, sha256_of
+from sqapi.core.message import Message, MessageParser, private_copy
+from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
+from sqapi.core.plugins import Plugin, PluginSet
+from sqapi.errors import ConnectorError, MessageError, NotFound, PermanentError, PluginTimeout
+
+log = logging.getLogger(__name__)
+
+VALIDATING, QUERYING, PROCESSING = "VALIDATING", "QUERYING", "PROCESSING"
+DONE, RETRY, FAILED = "DONE", "RETRY", "FAILED"
+PROCESS, DELETE = "process", "delete"  # message actions (msg_broker.message_fields.action)
+DELETED = "deleted"  # hash_digest of a deleted message: equal to no data's sha256
+#: seconds a plugin call runs before its batch's PROCESSING status is written on its own
+PROCESSING_STATUS_AFTER = 0.2
+
+
+class ProcessorHooks(Protocol):
+    """Observers of the processor (metrics); every method must be cheap and must not raise."""
+
+    def message_started(self) -> None: ...
+
+    def message_finished(self, outcome: Outcome, seconds: float) -> None: ...
+
+    def plugin_finished(self, plugin: str, status: str, seconds: float, reason: str | None) -> None: ...
+
+
+@dataclass
+class PluginFailure:
+    plugin: str
+    reason: str
+    retryable: bool
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Permanent errors are not retried; missing objects, outages, timeouts and crashes are."""
+    return not isinstance(exc, PermanentError)
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, PluginTimeout | ConnectorError | PermanentError | NotFound):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _DaemonThreads:
+    """Daemon threads running calls handed to :meth:`submit`; idle ones are reused, one starts when none is idle.
+
+    A thread stuck in a call (a plugin past its timeout) is simply not idle: it never delays a
+    later call.  Threads idle for ``idle_seconds`` end.
+    """
+
+    def __init__(self, name: str, idle_seconds: float = 60.0) -> None:
+        self.name = name
+        self.idle_seconds = idle_seconds
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._started = 0
+
+    def submit(self, call: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1  # that thread is taken: it will pick this call
+                start = False
+            else:
+                self._started += 1
+                start = True
+        self._calls.put(call)
+        if start:
+            threading.Thread(target=self._serve, name=f"{self.name}-{self._started}", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                call = self._calls.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0 and self._calls.empty():
+                        self._idle -= 1
+                        return
+                continue  # a call was handed to this idle thread just now
+            call()
+            with self._lock:
+                self._idle += 1
+
+
+@dataclass
+class _Call:
+    """One plugin call's private arguments."""
+
+    message: Message
+    metadata: dict[str, Any]
+    path: str
+
+
+#: a plugin call's result, error and duration (seconds)
+_Ran = tuple[Any, BaseException | None, float]
+
+#: a status to record: (message, status, info)
+_Update = tuple[Message, str, str | None]
+
+
+@dataclass(eq=False)
+class _Work:
+    """One message's attempt inside a batch."""
+
+    index: int
+    delivery: Delivery
+    message: Message
+    previous: dict[str, Any] | None = None
+    local: LocalCopy | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str = os.devnull
+    resume: bool = False
+    may_retry: bool = False
+    plugins: list[Plugin] = field(default_factory=list)
+    done_before: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[PluginFailure] = field(default_factory=list)
+    retrying: set[str] = field(default_factory=set)  # plugins that failed and will be retried
+    final: tuple[Message, str, str | None] | None = None  # the status to record
+    outcome: Outcome | None = None
+
+
+class _Progress:
+    """A batch's PROCESSING status (with each message's data hash), until it is written.
+
+    Written with the first plugin rows, or by :meth:`write` while a plugin call takes long; the
+    final statuses supersede it.  Only the batch's worker thread uses it.
+    """
+
+    def __init__(self, database: Any, running: list[_Work]) -> None:
+        self.database = database
+        self.pending: list[_Update] = [(w.message, PROCESSING, None) for w in running]
+
+    def take(self) -> list[_Update]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def write(self) -> None:
+        """Write it now; on failure keep it, to go with the next write."""
+        updates = self.take()
+        if not updates:
+            return
+        try:
+            self.database.update_messages(updates)
+        except Exception as exc:  # the next write says whether the database is back
+            self.pending = updates
+            log.warning("could not record PROCESSING for %d message(s): %s", len(updates), describe(exc))
+
+
+class Processor:
+    def __init__(self, config: Mapping[str, Any], database: Any, data_store: DataStore, meta_store: MetaStore,
+                 plugins: PluginSet, policy: RetryPolicy | None = None) -> None:
+        broker = config.get("msg_broker") or {}
+        processing = config.get("processing") or {}
+        self.database = database
+        self.data_store = data_store
+        self.meta_store = meta_store
+        self.plugins = plugins
+        self.parser = MessageParser(broker)
+        self.policy = policy or RetryPolicy.from_config(broker)
+        self.max_result_bytes = int(processing.get("max_result_bytes", 1 << 20))
+        self.hooks: list[ProcessorHooks] = []
+        #: plugin name -> calls still running past their timeout (abandoned, not killable)
+        self.overdue: dict[str, int] = {}
+        self._overdue_lock = threading.Lock()
+        self._runner = _DaemonThreads("sqapi-plugin")
+
+    def close(self) -> None:
+        """Nothing to release: plugin calls past their timeout run on daemon threads."""
+
+    # -- the entry points -----------------------------------------------------------------------
+    def process(self, raw: bytes | str | Mapping[str, Any], delivery: Delivery) -> Outcome:
+        """Process one delivery and return what to do with it; never raises for a message's fault."""
+        return self.process_batch([(raw, delivery)])[0]
+
+    def process_batch(self, items: Sequence[tuple[bytes | str | Mapping[str, Any], Delivery]]) -> list[Outcome]:
+        """Process several deliveries together: one outcome each, in order; never raises for a message's fault.
+
+        Status writes are shared: the attempts of the whole batch are recorded at once, then each
+        plugin runs over the batch and its rows are written at once, then the final statuses.  A
+        message's plugin DONE is recorded before its next plugin runs, and every outcome is
+        recorded before this returns.  When the batch fails as a whole (the status database, a
+        bug of ours), each delivery is processed again on its own, so one cannot hold up others.
+        """
+        started = time.monotonic()
+        for hook in self.hooks:
+            for _ in items:
+                hook.message_started()
+        outcomes: list[Outcome | None] = [None] * len(items)
+        try:
+            self._process_batch(items, outcomes)
+        except Exception as exc:
+            if len(items) > 1:
+                log.warning("a batch of %d deliveries failed (%s): processing them one by one",
+                            len(items), describe(exc))
+                for index, item in enumerate(items):
+                    if outcomes[index] is None:
+                        outcomes[index] = self._single(item)
+            else:
+                outcomes[0] = self._failed_outright(exc, items[0][1])
+        seconds = (time.monotonic() - started) / max(1, len(items))
+        done: list[Outcome] = []
+        for outcome, (_raw, delivery) in zip(outcomes, items, strict=True):
+            assert outcome is not None
+            for hook in self.hooks:
+                hook.message_finished(outcome, seconds)
+            level = logging.INFO if outcome.status == DONE else logging.WARNING
+            if log.isEnabledFor(level):
+                log.log(level, "%s", outcome.line(),
+                        extra={"uuid": outcome.uuid, "status": outcome.status, "delivery": delivery.id})
+            done.append(outcome)
+        return done
+
+    def _single(self, item: tuple[bytes | str | Mapping[str, Any], Delivery]) -> Outcome:
+        outcomes: list[Outcome | None] = [None]
+        try:
+            self._process_batch([item], outcomes)
+        except Exception as exc:
+            return self._failed_outright(exc, item[1])
+        assert outcomes[0] is not None
+        return outcomes[0]
+
+    def _failed_outright(self, exc: Exception, delivery: Delivery) -> Outcome:
+        if isinstance(exc, ConnectorError):  # the status database is down: nothing recorded, so redeliver
+            log.error("status database unavailable, message %s will be redelivered: %s", delivery.id, exc)
+            return Outcome(None, RETRY, Action.RETRY, reason=f"status database unavailable: {exc}",
+                           delay=self.policy.delay_for(delivery.attempt), attempt=delivery.attempt)
+        # a bug of ours: keep the delivery (redelivered later), keep consuming -- up to its attempts
+        log.error("internal error processing delivery %s", delivery.id, exc_info=exc)
+        reason = f"internal error: {describe(exc)}"
+        if not self.policy.may_retry(delivery.attempt):
+            return Outcome(None, FAILED, Action.DEAD_LETTER, reason=f"gave up after {delivery.attempt} "
+                           f"attempt{'s' if delivery.attempt > 1 else ''}: {reason}", attempt=delivery.attempt)
+        return Outcome(None, RETRY, Action.RETRY, reason=reason, delay=self.policy.delay_for(delivery.attempt),
+                       attempt=delivery.attempt)
+
+    def _process_batch(self, items: Sequence[tuple[bytes | str | Mapping[str, Any], Delivery]],
+                       outcomes: list[Outcome | None]) -> None:
+        """Fill ``outcomes``; raises when the batch cannot go on (outcomes already set stay recorded)."""
+        work: list[_Work] = []
+        for index, (raw, delivery) in enumerate(items):
+            try:
+                message = self.parser.parse(raw, delivery.id)
+            except MessageError as exc:
+                outcomes[index] = self._malformed(exc, delivery)
+                continue
+            work.append(_Work(index, delivery, message))
+        # concurrent duplicates of one uuid take turns: the later one finds the earlier one's DONE;
+        # a uuid twice in one batch goes in a later round, as does one another process holds
+        first_round = True
+        while work:
+            seen: set[str] = set()
+            now: list[_Work] = []
+            later: list[_Work] = []
+            for w in work:
+                (later if w.message.uuid in seen else now).append(w)
+                seen.add(w.message.uuid)
+            claim_many = getattr(self.database, "claim_many", None)
+            # after the first round, one at a time with the blocking claim (it waits with backoff and
+            # gives up after claim_timeout) instead of asking again for uuids another process holds
+            if claim_many is None or len(now) == 1 or not first_round:
+                claim = getattr(self.database, "claim", None)
+                with claim(now[0].message.uuid) if claim is not None else contextlib.nullcontext():
+                    self._attempt(now[:1], outcomes)
+                later = now[1:] + later
+            elif hasattr(self.database, "claim_attempts"):  # claims and attempts in one round trip
+                with self.database.claim_attempts([w.message for w in now], QUERYING) as recorded:
+                    self._attempt([w for w in now if w.message.uuid in recorded], outcomes, recorded)
+                later = [w for w in now if w.message.uuid not in recorded] + later
+            else:
+                with claim_many([w.message.uuid for w in now]) as held:
+                    self._attempt([w for w in now if w.message.uuid in held], outcomes)
+                later = [w for w in now if w.message.uuid not in held] + later
+            first_round = False
+            work = later
+
+    # -- one attempt at several messages (distinct uuids, all claimed) ----------------------------------
+    def _attempt(self, work: list[_Work], outcomes: list[Outcome | None],
+                 recorded: Mapping[str, dict[str, Any] | None] | None = None) -> None:
+        """One attempt at each of ``work``; ``recorded``: the attempts are already counted (the rows as they were)."""
+        if not work:
+            return
+        # the messages are valid (parsed) by now: their rows say QUERYING while data and metadata are fetched
+        if recorded is not None:
+            previous = [recorded[w.message.uuid] for w in work]
+        elif len(work) > 1:
+            previous = self.database.record_attempts([w.message for w in work], QUERYING)
+        else:
+            previous = [self.database.record_attempt(work[0].message, QUERYING)]
+        finals: list[_Work] = []   # outcome known, status still to write
+        running: list[_Work] = []  # plugins to run
+        try:
+            for w, row in zip(work, previous, strict=True):
+                w.previous = row
+                if w.message.action == DELETE and row is not None and row["status"] == DONE \
+                        and row.get("hash_digest") == DELETED:
+                    outcomes[w.index] = Outcome(w.message.uuid, DONE, Action.ACK, attempt=w.delivery.attempt,
+                                                reason="already deleted, no plugin run again", skipped=True)
+                elif w.message.action == DELETE:
+                    self._prepare_delete(w)
+                    running.append(w)
+                elif self._prepare(w):
+                    running.append(w)
+                elif w.final is not None:
+                    finals.append(w)
+                else:
+                    assert w.outcome is not None
+                    outcomes[w.index] = w.outcome
+            # plugin rows from other data (an earlier hash) must not count as done for this data
+            stale = [w.message.uuid for w in running
+                     if w.message.action == PROCESS and w.previous is not None and not w.resume]
+            if stale:
+                self.database.forget_plugin_rows(stale)
+            # the hash goes with the first plugin rows (or before): a crash then resumes, never re-runs
+            progress = _Progress(self.database, running)
+            if any(not p.timeout for w in running for p in w.plugins):  # run inline: no time to write it later
+                self.database.update_messages(progress.take())
+            last_rows = self._run_plugins(running, progress)
+        finally:
+            for w in work:
+                if w.local is not None:
+                    w.local.release()
+        for w in running:
+            self._conclude(w)
+        finals += running
+        self.database.record_progress([w.final for w in finals if w.final is not None], last_rows, last=True)
+        for w in finals:
+            assert w.outcome is not None
+            outcomes[w.index] = w.outcome
+
+    def _prepare(self, w: _Work) -> bool:
+        """Fetch data and metadata, hash; whether plugins are to run (else ``w.outcome``/``w.final`` are set)."""
+        message, previous, delivery = w.message, w.previous, w.delivery
+        was_done = previous is not None and previous["status"] == DONE
+        try:
+            w.local = self.data_store.fetch(message.data_location)
+        except Exception as exc:
+            if was_done:  # a redelivery of finished work whose data has since gone: still done
+                w.outcome = Outcome(message.uuid, DONE, Action.ACK, attempt=delivery.attempt, skipped=True,
+                                    reason=f"already done, no plugin run again (data now unavailable: "
+                                           f"{describe(exc)})")
+                return False
+            self._fail(w, f"data: {describe(exc)}", is_retryable(exc), None)
+            return False
+        try:
+            w.metadata = self._metadata(message)
+            message.hash_digest = sha256_of(w.local.path)
+            message.type = message.type or guess_mime(w.local.path)
+        except Exception as exc:
+            self._fail(w, f"metadata: {describe(exc)}", is_retryable(exc), None)
+            return False
+        if was_done and previous is not None and previous.get("hash_digest") == message.hash_digest:
+            w.outcome = Outcome(message.uuid, DONE, Action.ACK, reason="already done, no plugin run again",
+                                attempt=delivery.attempt, skipped=True)
+            return False
+        w.path = w.local.path
+        w.resume = bool(previous) and previous.get("hash_digest") == message.hash_digest  # type: ignore[union-attr]
+        w.plugins = self.plugins.for_type(message.type, PROCESS)
+        return True
+
+    def _prepare_delete(self, w: _Work) -> None:
+        """A message asking for deletion: no data is fetched; plugins with ``delete`` in ``plugin.actions`` run."""
+        message = w.message
+        message.type = message.type or (w.previous or {}).get("data_type")
+        message.hash_digest = DELETED
+        w.metadata = self._metadata_or_empty(message)
+        w.path = os.devnull
+        w.plugins = self.plugins.for_type(message.type, DELETE)
+
+    def _conclude(self, w: _Work) -> None:
+        if not w.failures:
+            info = "deleted" if w.message.action == DELETE else None
+            w.final = (w.message, DONE, info)
+            w.outcome = Outcome(w.message.uuid, DONE, Action.ACK, reason=info, attempt=w.delivery.attempt)
+            return
+        reason = "; ".join(f"plugin {f.plugin}: {f.reason}" for f in w.failures)
+        self._fail(w, reason, any(f.retryable for f in w.failures), w.failures[0].plugin)
+
+    def _metadata_or_empty(self, message: Message) -> dict[str, Any]:
+        try:
+            return self._metadata(message)
+        except Exception as exc:  # a deletion does not need metadata that is gone
+            log.info("deleting %s without metadata: %s", message.uuid, describe(exc))
+            return {}
+
+    # -- steps --------------------------------------------------------------------------------
+    def _malformed(self, exc: MessageError, delivery: Delivery) -> Outcome:
+        reason = f"malformed message: {exc}" if exc.uuid else f"malformed message ({delivery.id}): {exc}"
+        if exc.uuid:  # recorded under the uuid's claim, never waited for: an attempt in progress has the last word
+            stub = Message(id=delivery.id, uuid=exc.uuid, data_location=None)  # type: ignore[arg-type]
+            try_claim = getattr(self.database, "try_claim", None)
+            with try_claim(exc.uuid) if try_claim is not None else contextlib.nullcontext(True) as held:
+                if held:
+                    previous = self.database.record_attempt(stub, VALIDATING)
+                    if not previous or previous["status"] != DONE:
+                        self.database.update_message(stub, FAILED, reason)
+                else:
+                    log.info("malformed copy of %s dead-lettered without a status write: another attempt at it "
+                             "is in progress", exc.uuid)
+        return Outcome(exc.uuid, FAILED, Action.DEAD_LETTER, reason=reason, attempt=delivery.attempt)
+
+    def _metadata(self, message: Message) -> dict[str, Any]:
+        if message.metadata is not None:
+            return message.metadata
+        if message.meta_location:
+            message.metadata = self.meta_store.fetch(message.meta_location)
+            return message.metadata
+        return {}
+
+    def _fail(self, w: _Work, reason: str, retryable: bool, plugin: str | None) -> None:
+        """Set the outcome of a failed attempt, and the status to record: RETRY while attempts remain, else FAILED."""
+        delivery, message = w.delivery, w.message
+        if retryable and self.policy.may_retry(delivery.attempt):
+            delay = self.policy.delay_for(delivery.attempt)
+            info = f"attempt {delivery.attempt} of {self.policy.max_attempts} failed, retrying in {delay:g}s: {reason}"
+            w.final = (message, RETRY, info)
+            w.outcome = Outcome(message.uuid, RETRY, Action.RETRY, reason=reason, plugin=plugin, delay=delay,
+                                attempt=delivery.attempt)
+            return
+        if retryable:
+            reason = f"gave up after {delivery.attempt} attempt{'s' if delivery.attempt > 1 else ''}: {reason}"
+        w.final = (message, FAILED, reason)
+        w.outcome = Outcome(message.uuid, FAILED, Action.DEAD_LETTER, reason=reason, plugin=plugin,
+                            attempt=delivery.attempt)
+
+    def _run_plugins(self, running: list[_Work], progress: _Progress) -> list[dict[str, Any]]:
+        """Run each plugin, in order, over every message in ``running`` that it takes; record its rows at once.
+
+        The last plugin's rows are returned, not recorded: they go with the final statuses.
+
+        With ``resume``, plugins DONE in an earlier attempt on the same data are not run again
+        (their stored results are handed on), unless their result was too large to store.  A
+        plugin that runs after one that failed and will be retried waits for that retry.
+        """
+        for w in running:
+            if w.resume:
+                w.done_before = {row["plugin"]: row for row in self.database.get_plugin_rows(w.message.uuid)
+                                 if row["status"] == DONE and not result_was_omitted(row.get("result"))}
+            w.may_retry = self.policy.may_retry(w.delivery.attempt)
+        order: list[Plugin] = []
+        seen: set[str] = set()
+        for w in running:
+            for plugin in w.plugins:
+                if plugin.name not in seen:
+                    seen.add(plugin.name)
+                    order.append(plugin)
+        if len(order) > 1:  # every message's plugins are in the order of the active plugins
+            rank = {p.name: i for i, p in enumerate(self.plugins.active)}
+            order.sort(key=lambda p: rank.get(p.name, len(rank)))
+        rows: list[dict[str, Any]] = []
+        for number, plugin in enumerate(order, start=1):
+            rows = []
+            calls: list[tuple[_Work, _Call]] = []
+            for w in running:
+                if any(p is plugin for p in w.plugins):
+                    prepared = self._before_run(plugin, w)
+                    if isinstance(prepared, _Call):
+                        calls.append((w, prepared))
+                    elif prepared is not None:
+                        rows.append(prepared)
+            ran = self._call_all(plugin, [call for _w, call in calls], progress)
+            for (w, _call), (result, error, seconds) in zip(calls, ran, strict=True):
+                rows.append(self._after_run(plugin, w, result, error, seconds))
+            if number < len(order):
+                self.database.record_progress(progress.take(), rows)
+            for _w, (_result, error, seconds) in zip(calls, ran, strict=True):
+                self._notify_plugin(plugin.name, FAILED if error else DONE, seconds, describe(error) if error else None)
+        return rows
+
+    def _before_run(self, plugin: Plugin, w: _Work) -> _Call | dict[str, Any] | None:
+        """The call to make for ``plugin`` on one message, or the row to record instead (``None``: done before)."""
+        message, results, statuses = w.message, w.results, w.statuses
+        if plugin.name in w.done_before:
+            stored = w.done_before[plugin.name].get("result")
+            results[plugin.name] = json.loads(stored) if stored else None
+            statuses[plugin.name] = {"status": DONE, "info": "done in an earlier attempt"}
+            return None
+        waits_for = sorted(w.retrying) if "*" in plugin.after else sorted(w.retrying & set(plugin.after))
+        if waits_for:
+            info = f"waits for {', '.join(waits_for)}, which will be retried"
+            statuses[plugin.name] = {"status": RETRY, "info": info}
+            w.retrying.add(plugin.name)
+            return {"uuid": message.uuid, "plugin": plugin.name, "status": RETRY, "info": info}
+        wanted = results if "*" in plugin.after else plugin.after  # '*': after (and given) every other
+        own = message.copy(results={name: private_copy(results[name]) for name in wanted if name in results},
+                           plugin_statuses=private_copy(statuses))
+        return _Call(own, private_copy(w.metadata), w.path)
+
+    def _after_run(self, plugin: Plugin, w: _Work, result: Any, error: BaseException | None, seconds: float) \
+            -> dict[str, Any]:
+        """Take in one plugin call's result or error; the row to record."""
+        message = w.message
+        if error is not None:
+            reason = describe(error)
+            retryable = is_retryable(error)
+            log.warning("plugin %s failed on %s: %s", plugin.name, message.uuid, reason,
+                        exc_info=error if not isinstance(error, PermanentError | PluginTimeout) else None)
+            w.failures.append(PluginFailure(plugin.name, reason, retryable))
+            w.statuses[plugin.name] = {"status": FAILED, "info": reason}
+            if retryable and w.may_retry:
+                w.retrying.add(plugin.name)
+            return {"uuid": message.uuid, "plugin": plugin.name, "status": FAILED, "info": reason,
+                    "duration_ms": seconds * 1000.0}
+        w.results[plugin.name] = result
+        w.statuses[plugin.name] = {"status": DONE, "info": None}
+        return {"uuid": message.uuid, "plugin": plugin.name, "status": DONE, "duration_ms": seconds * 1000.0,
+                "result": dump_result(result, self.max_result_bytes)}
+
+    def _call_all(self, plugin: Plugin, calls: list[_Call], progress: _Progress) -> list[_Ran]:
+        """Run ``plugin`` once per call, in order; ``(result, error, seconds)`` for each, never raising."""
+        ran: list[_Ran] = []
+        while len(ran) < len(calls):
+            ran.extend(self._call_some(plugin, calls[len(ran):], progress))
+        return ran
+
+    def _call_some(self, plugin: Plugin, calls: list[_Call], progress: _Progress) -> list[_Ran]:
+        """Run calls until one is past its timeout (that one included): one after the other on one daemon thread.
+
+        Python cannot kill a thread, so a call past ``plugin.timeout`` is abandoned -- counted in
+        ``overdue`` until it returns, its thread running nothing else -- and the calls after it go
+        to another thread.  Idle threads are reused; none holds up shutdown.  While it waits, the
+        calling thread writes ``progress`` once the calls have run ``PROCESSING_STATUS_AFTER``.
+        """
+        if not plugin.timeout:
+            return [self._timed(plugin, call) for call in calls]
+        timeout = float(plugin.timeout)
+        done: list[_Ran] = []           # filled by the daemon thread, in order
+        starts = [time.monotonic()]     # starts[i]: when call i started (set with done[i - 1])
+        guard = threading.Lock()
+        finished = threading.Event()    # the daemon thread ran every call, or stopped
+        abandoned = [False]
+
+        def target() -> None:
+            try:
+                for index, call in enumerate(calls):
+                    try:
+                        ran = self._timed(plugin, call)
+                    except BaseException as exc:  # SystemExit and the like: handed to the caller as a failure
+                        ran = (None, exc, time.monotonic() - starts[index])
+                    with guard:
+                        if abandoned[0]:  # this call was given up: the caller runs the rest elsewhere
+                            self._overdue_changed(plugin.name, -1)
+                            return
+                        done.append(ran)
+                        starts.append(time.monotonic())
+            finally:
+                finished.set()
+
+        self._runner.submit(target)
+        mark_at = starts[0] + PROCESSING_STATUS_AFTER
+        while True:  # wakes when every call is done, when the running one's time is up, or to write progress
+            with guard:
+                count = len(done)
+                if count == len(calls):
+                    return list(done)
+                deadline = starts[count] + timeout
+                if time.monotonic() >= deadline:
+                    abandoned[0] = True
+                    taken = list(done)
+                    break
+            if progress.pending and time.monotonic() >= mark_at:
+                progress.write()
+                mark_at = float("inf")  # once: if it failed, it goes with the next write
+            wake = min(deadline, mark_at)
+            finished.wait(max(0.0, wake - time.monotonic()))
+        self._overdue_changed(plugin.name, +1)
+        return taken + [(None, PluginTimeout(f"timed out after {timeout:g}s"), time.monotonic() - starts[count])]
+
+    def _timed(self, plugin: Plugin, call: _Call) -> _Ran:
+        started = time.monotonic()
+        try:
+            result = self._call(plugin, call)
+        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() fails; it does not end the worker
+            return None, exc, time.monotonic() - started
+        return result, None, time.monotonic() - started
+
+    def _call(self, plugin: Plugin, call: _Call) -> Any:
+        assert plugin.module is not None
+        database = plugin.database if plugin.database is not None else self.database
+        with open(call.path, "rb") as data:
+            return plugin.module.execute(plugin.config, database, call.message, call.metadata, data)
+
+    def _overdue_changed(self, name: str, delta: int) -> None:
+        with self._overdue_lock:
+            self.overdue[name] = self.overdue.get(name, 0) + delta
+            if self.overdue[name] <= 0:
+                del self.overdue[name]
+            still = self.overdue.get(name, 0)
+        if delta > 0:
+            log.warning("plugin %s is still running past its timeout (%d call(s) overdue)", name, still)
+
+    def _notify_plugin(self, name: str, status: str, seconds: float, reason: str | None) -> None:
+        for hook in self.hooks:
+            hook.plugin_finished(name, status, seconds, reason)
