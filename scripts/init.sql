@@ -1,0 +1,33 @@
+-- sqapi's core status schema (PostgreSQL).  One row per message, one per (message, plugin).
+-- Statuses: VALIDATING, QUERYING, PROCESSING, DONE, RETRY, FAILED.
+-- Run by Database.initialize_message_table(); safe to run again.
+
+CREATE TABLE IF NOT EXISTS messages (
+    uuid          TEXT PRIMARY KEY,
+    data_location TEXT,
+    meta_location TEXT,
+    data_type     TEXT,
+    hash_digest   TEXT,
+    status        TEXT NOT NULL,
+    info          TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS messages_status_updated_at ON messages (status, updated_at);
+CREATE INDEX IF NOT EXISTS messages_updated_at ON messages (updated_at);
+
+CREATE TABLE IF NOT EXISTS message_plugins (
+    uuid        TEXT NOT NULL REFERENCES messages (uuid) ON DELETE CASCADE,
+    plugin      TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    info        TEXT,
+    duration_ms DOUBLE PRECISION,
+    result      TEXT,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (uuid, plugin)
+);
+
+CREATE INDEX IF NOT EXISTS message_plugins_plugin_status ON message_plugins (plugin, status);

@@ -1,0 +1,32 @@
+-- sqapi's core status schema, SQLite variant of scripts/init.sql (same tables and columns).
+-- Times are ISO 8601 UTC text written by sqapi, so they sort as they read.
+
+CREATE TABLE IF NOT EXISTS messages (
+    uuid          TEXT PRIMARY KEY,
+    data_location TEXT,
+    meta_location TEXT,
+    data_type     TEXT,
+    hash_digest   TEXT,
+    status        TEXT NOT NULL,
+    info          TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS messages_status_updated_at ON messages (status, updated_at);
+CREATE INDEX IF NOT EXISTS messages_updated_at ON messages (updated_at);
+
+CREATE TABLE IF NOT EXISTS message_plugins (
+    uuid        TEXT NOT NULL REFERENCES messages (uuid) ON DELETE CASCADE,
+    plugin      TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    info        TEXT,
+    duration_ms REAL,
+    result      TEXT,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    updated_at  TEXT NOT NULL,
+    PRIMARY KEY (uuid, plugin)
+);
+
+CREATE INDEX IF NOT EXISTS message_plugins_plugin_status ON message_plugins (plugin, status);

@@ -1,0 +1,62 @@
+"""Data stores: where the object a message refers to lives.
+
+A data store module (``sqapi/connectors/data/<type>.py``, selected by ``data_store.type``)
+provides, as in sqAPI::
+
+    def download_to_disk(config: dict, object_ref: str) -> str
+
+``config`` is the ``data_store`` section; the return value is the path of a local file the
+plugins read.  Remote stores stream the object into a new temporary file (never the whole
+object in memory) which sqapi deletes after processing.  A store that hands out the original
+file instead (``disk``) sets ``RETURNS_ORIGINAL = True`` and sqapi leaves it alone.
+
+Errors: a missing object raises :class:`LookupError` (sqapi's :class:`~sqapi.errors.NotFound`),
+which is retried; an unreachable system raises :class:`~sqapi.errors.ConnectorError` (retried);
+a reference the store refuses raises :class:`~sqapi.errors.AccessDenied` (never retried).
+
+Optional, for stores that keep a connection: ``connect(config)`` returning an object with
+``download_to_disk(object_ref)``, ``ping()`` and ``close()``; and ``validate_config(config)``
+raising :class:`~sqapi.errors.ConfigError` for a wrong section.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqapi.connectors.store import StoreAdapter
+
+
+class DataConnection(Protocol):
+    def download_to_disk(self, object_ref: str) -> str: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class LocalCopy:
+    """A data object on local disk; ``temporary`` ones are deleted by :meth:`release`."""
+
+    path: str
+    temporary: bool
+
+    def release(self) -> None:
+        if self.temporary:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class DataStore(StoreAdapter):
+    """Wraps a data store module (or its ``connect()`` object) behind one interface."""
+
+    topic = "data store"
+
+    def fetch(self, object_ref: str) -> LocalCopy:
+        """Bring ``object_ref`` to local disk; errors are translated to sqapi's kinds."""
+        path = self.call("download_to_disk", object_ref)
+        return LocalCopy(path=path, temporary=not getattr(self.module, "RETURNS_ORIGINAL", False))
