@@ -1,0 +1,763 @@
+"""``database: {type: postgres, connection: {...}}`` -- the production status database (psycopg2).
+
+Config (the ``database`` section; sqAPI's ``connection`` block, or a ``dsn``/``url``)::
+
+    type: postgres
+    connection: {host: localhost, port: 5432, user: postgres, password: ..., name: sqapi, timeout: 5}
+    dsn: null                 # or "postgresql://user:pass@host:5432/db" (wins over connection)
+    schema: null              # tables live in this schema (created when missing); search_path is just it
+    pool: {min: 1, max: 10, timeout: 30}       # opened at start / at most (kept for reuse) / seconds to wait
+    connect_retry: {attempts: 5, delay: 1.0, max_delay: 10.0}   # at startup, while unreachable
+    claim_timeout: 300        # seconds an attempt waits for another attempt at the same uuid
+    statement_timeout: null   # seconds; null: the server's
+    synchronous_commit: null  # null: the server's (on); off trades crash durability of the last writes for speed
+
+Connections come from one :class:`psycopg2.pool.ThreadedConnectionPool` per Database; a thread
+waits (``pool.timeout``) for a free connection rather than failing.  :meth:`Database.transaction`
+binds one pooled connection to the calling thread, so every statement inside it (nested
+transactions included) runs on it and commits or rolls back together.
+
+Guarantee for concurrent duplicates: :meth:`Database.claim` takes a session-level advisory lock
+on the uuid for the whole attempt, on the connection bound to the attempt's thread.  Every
+process on the same database sees it, so attempts at one uuid run one at a time: the first
+records DONE, the later ones find DONE with the same hash and run no plugin again.  A crashed
+process's lock dies with its connection.  :meth:`Database.record_attempt` is itself safe
+without the claim: ``INSERT ... ON CONFLICT DO NOTHING`` then ``SELECT ... FOR UPDATE`` makes
+one ``messages`` row per uuid and counts every attempt.
+
+Errors: an unreachable server or a lost connection is a :class:`~sqapi.errors.ConnectorError`
+(retried); an SQL error (bad statement, constraint violation) is a :class:`QueryError` naming
+the script or query.  No message ever holds the password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+import psycopg2.pool
+
+from sqapi.connectors.db import (
+    ON_MESSAGE_CONFLICT,
+    ON_PLUGIN_CONFLICT,
+    STATUS_TABLES,
+    StatusStore,
+    split_statements,
+    utcnow,
+)
+from sqapi.errors import ConfigError, ConnectorError, SqapiError
+
+log = logging.getLogger(__name__)
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PARAMETER = re.compile(r"%\(\w+\)s|%%")
+_NAMED = re.compile(r"%\((\w+)\)s")
+#: advisory lock namespaces (the two-int key space): schema set-up, and one lock per message uuid
+_LOCK_INIT, _LOCK_UUID = 0x5A9A, 0x5A9B
+
+
+class _Pool(psycopg2.pool.ThreadedConnectionPool):
+    """Opens ``minconn`` connections at start and keeps every one handed back (up to ``maxconn``) for reuse.
+
+    psycopg2's pool closes a returned connection once ``minconn`` are idle, which under
+    concurrent load would mean a new connection for most queries.
+    """
+
+    def __init__(self, minconn: int, maxconn: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(minconn, maxconn, *args, **kwargs)
+        self.minconn = maxconn
+
+
+class QueryError(SqapiError):
+    """An SQL statement the server rejected (syntax, missing table, constraint); names the script or query."""
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    def fail(key: str, problem: str, fix: str) -> None:
+        raise ConfigError(f"database.{key}", problem, fix)
+
+    dsn = config.get("dsn") or config.get("url")
+    connection = config.get("connection")
+    if connection is not None and not isinstance(connection, dict):
+        fail("connection", "must be a mapping", "write connection: {host: ..., port: ..., user: ..., name: ...}")
+    if dsn is not None and not isinstance(dsn, str):
+        fail("dsn", "must be a string", "write dsn: postgresql://user@host:5432/dbname")
+    if not dsn and not (connection or {}).get("host"):
+        fail("connection.host", "missing (and no dsn/url given)", "set database.connection.host or database.dsn")
+    port = (connection or {}).get("port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+        fail("connection.port", f"must be a whole number, not {port!r}", "set it to the server's port, e.g. 5432")
+    schema = config.get("schema")
+    if schema is not None and not (isinstance(schema, str) and _IDENTIFIER.fullmatch(schema)):
+        fail("schema", f"{schema!r} is not a plain identifier", "use letters, digits and underscores")
+    pool = _section(config, "pool")
+    low, high = pool.get("min", 1), pool.get("max", 10)
+    if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1):
+        fail("pool", f"min {low!r} / max {high!r} are not whole numbers with 0 <= min <= max, max >= 1",
+             "set pool.min and pool.max, e.g. {min: 1, max: 10}")
+    retry = _section(config, "connect_retry")
+    attempts = retry.get("attempts", 5)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        fail("connect_retry.attempts", f"must be a whole number >= 1, not {attempts!r}", "set it to e.g. 5")
+    sync = config.get("synchronous_commit")
+    if sync is not None and not (isinstance(sync, bool) or sync in ("on", "off", "local", "remote_write",
+                                                                      "remote_apply")):
+        fail("synchronous_commit", f"{sync!r} is not a PostgreSQL synchronous_commit value", "use on or off")
+    for key, value in (("connect_retry.delay", retry.get("delay", 1.0)),
+                       ("connect_retry.max_delay", retry.get("max_delay", 10.0)),
+                       ("pool.timeout", pool.get("timeout", 30)),
+                       ("claim_timeout", config.get("claim_timeout", 300))):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            fail(key, f"must be a number of seconds >= 0, not {value!r}", f"set database.{key}")
+
+
+def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key)
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _dict_rows(cursor: Any) -> list[dict[str, Any]]:
+    return [dict(row) for row in cursor.fetchall()]
+
+
+def _status_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Timestamps as the ISO text :func:`utcnow` writes, so status rows read alike on every database type."""
+    return {k: utcnow_text(v) if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def utcnow_text(value: datetime) -> str:
+    return (value.astimezone(UTC) if value.tzinfo else value).isoformat(timespec="milliseconds")
+
+
+#: rows execute_many sends in one query string
+_BATCH_PAGE = 1000
+
+#: the messages of a batch, from one JSON text (json_to_recordset: one quoted string for psycopg2, not an array
+#: element each)
+_INPUT = """input AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+        AS t(uuid text, data_location text, meta_location text, data_type text, hash_digest text)
+)"""
+
+
+def _count_attempts(where: str, returning: str) -> str:
+    """The CTE counting an attempt at each message of ``input`` (``where``: which): a new row in ``status``; a
+    DONE row stays DONE (info and hash kept), any other takes ``status``."""
+    return f"""counted AS (
+    INSERT INTO messages AS m (uuid, data_location, meta_location, data_type, hash_digest, status, attempts,
+                               created_at, updated_at)
+    SELECT uuid, data_location, meta_location, data_type, hash_digest, %(status)s, 1,
+           %(now)s::timestamptz, %(now)s::timestamptz FROM input
+    {where}
+    ON CONFLICT (uuid) DO UPDATE SET
+        attempts = m.attempts + 1,
+        status = CASE WHEN m.status = 'DONE' THEN m.status ELSE excluded.status END,
+        info = CASE WHEN m.status = 'DONE' THEN m.info ELSE NULL END,
+        data_location = COALESCE(excluded.data_location, m.data_location),
+        meta_location = COALESCE(excluded.meta_location, m.meta_location),
+        data_type = COALESCE(excluded.data_type, m.data_type),
+        updated_at = excluded.updated_at
+    RETURNING {returning}
+)"""
+
+
+#: record_attempts: the old rows (locked) and, in the same statement, every attempt counted
+_RECORD_ATTEMPTS = f"""
+WITH {_INPUT}, old AS (
+    SELECT m.* FROM messages m WHERE m.uuid = ANY(ARRAY(SELECT uuid FROM input)) FOR UPDATE OF m
+), {_count_attempts("", "1")}
+SELECT old.* FROM old
+"""
+
+#: update_messages: several messages' statuses in one statement (distinct uuids); as StatusStore's upsert
+_UPDATE_MESSAGES = f"""
+INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, status, info, attempts,
+                      created_at, updated_at)
+SELECT uuid, data_location, meta_location, data_type, hash_digest, status, info, 0,
+       %(now)s::timestamptz, %(now)s::timestamptz
+FROM json_to_recordset(%(rows)s::json)
+    AS t(uuid text, data_location text, meta_location text, data_type text, hash_digest text, status text, info text)
+{ON_MESSAGE_CONFLICT}"""
+
+#: update_plugins: several plugin rows in one statement (distinct (uuid, plugin) pairs)
+_UPDATE_PLUGINS = f"""
+INSERT INTO message_plugins (uuid, plugin, status, info, duration_ms, result, attempts, updated_at)
+SELECT uuid, plugin, status, info, duration_ms, result, 1, %(now)s::timestamptz
+FROM json_to_recordset(%(rows)s::json)
+    AS t(uuid text, plugin text, status text, info text, duration_ms float8, result text)
+{ON_PLUGIN_CONFLICT}"""
+
+#: claim_attempts: take each uuid's advisory lock, and for those taken count the attempt, in one statement.  The
+#: rows as they were come from the upsert itself (it sees the latest committed row, whatever this statement's
+#: snapshot): xmax <> 0 marks a row that existed; a DONE row stays DONE and keeps its hash.  ``old`` (the
+#: snapshot) only supplies the earlier status of rows that were not DONE.
+_CLAIM_ATTEMPTS = f"""
+WITH {_INPUT}, old AS (
+    SELECT uuid, status FROM messages WHERE uuid = ANY(ARRAY(SELECT uuid FROM input))
+), {_count_attempts("WHERE pg_try_advisory_lock(%(ns)s, hashtext(uuid))",
+                    "m.uuid, (m.xmax <> 0) AS existed, m.status, m.hash_digest, m.data_type, m.info, m.attempts")}
+SELECT counted.*, old.status AS old_status FROM counted LEFT JOIN old ON old.uuid = counted.uuid
+"""
+
+
+class _Bound:
+    """The connection a thread is using, and how deep in transactions / claims it is."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.depth = 0
+        self.broken = False
+        self.held: list[str] = []  # uuids whose advisory locks this connection holds for a claim
+
+
+class Database(StatusStore):
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        connection = _section(config, "connection")
+        self._dsn: str | None = config.get("dsn") or config.get("url") or None
+        self._params: dict[str, Any] = {}
+        if not self._dsn:
+            self._params = {"host": connection.get("host") or "localhost", "port": int(connection.get("port") or 5432),
+                            "dbname": connection.get("name") or connection.get("dbname") or "postgres",
+                            "user": connection.get("user") or None, "password": connection.get("password") or None}
+        self._params = {k: v for k, v in self._params.items() if v is not None}
+        self._password = str(connection.get("password") or "") or _dsn_password(self._dsn)
+        self.timeout = float(connection.get("timeout") or config.get("timeout") or 10)
+        self.schema: str | None = config.get("schema") or None
+        pool = _section(config, "pool")
+        self.pool_min = int(pool.get("min", 1))
+        self.pool_max = int(pool.get("max", 10))
+        self.pool_timeout = float(pool.get("timeout", 30))
+        retry = _section(config, "connect_retry")
+        self.connect_attempts = int(retry.get("attempts", 5))
+        self.connect_delay = float(retry.get("delay", 1.0))
+        self.connect_max_delay = float(retry.get("max_delay", 10.0))
+        self.claim_timeout = float(config.get("claim_timeout", 300))
+        statement_timeout = config.get("statement_timeout")
+        self.statement_timeout_ms = int(float(statement_timeout) * 1000) if statement_timeout else None
+        sync = config.get("synchronous_commit")
+        self.synchronous_commit: str | None = None if sync is None else ("on" if sync is True else "off"
+                                                                         if sync is False else str(sync))
+        self._pool: _Pool | None = None
+        self._read_only = False  # set by has_status_tables(): never create the schema
+        self._slots = threading.BoundedSemaphore(self.pool_max)
+        self._pool_lock = threading.Lock()
+        self._local = threading.local()
+
+    # -- where -----------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Where this database is, for messages: never the password."""
+        if self._dsn:
+            parts = urlsplit(self._dsn) if "://" in self._dsn else None
+            if parts is not None:
+                where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
+                return f"{where} as {parts.username}" if parts.username else where
+            return "the configured dsn"
+        params = self._params
+        return f"{params['host']}:{params['port']}/{params['dbname']}" + (f" as {params['user']}"
+                                                                            if params.get("user") else "")
+
+    def _scrub(self, text: str) -> str:
+        text = "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+        if self._password:
+            text = text.replace(self._password, "***")
+        if self._dsn and "://" in self._dsn:
+            text = text.replace(self._dsn, "<dsn>")
+        return text
+
+    # -- connection ---------------------------------------------------------------------------
+    def connect(self, attempts: int | None = None) -> None:
+        """Open the pool; while the server is unreachable retry with growing delays, then raise ConnectorError."""
+        if self._pool is not None:
+            return
+        with self._pool_lock:
+            if self._pool is not None:
+                return
+            attempts = attempts or self.connect_attempts
+            delay = self.connect_delay
+            options = []
+            if self.schema:
+                options.append(f"-c search_path={self.schema}")
+            if self.statement_timeout_ms:
+                options.append(f"-c statement_timeout={self.statement_timeout_ms}")
+            if self.synchronous_commit:
+                options.append(f"-c synchronous_commit={self.synchronous_commit}")
+            kwargs: dict[str, Any] = dict(self._params, connect_timeout=max(1, round(self.timeout)),
+                                          application_name="sqapi")
+            if options:
+                kwargs["options"] = " ".join(options)
+            for attempt in range(1, attempts + 1):
+                try:
+                    args = (self._dsn,) if self._dsn else ()
+                    pool = _Pool(self.pool_min, self.pool_max, *args, **kwargs)
+                    try:  # with pool.min 0 nothing was opened yet: prove the server answers
+                        pool.putconn(pool.getconn())
+                    except BaseException:
+                        pool.closeall()
+                        raise
+                    break
+                except psycopg2.Error as exc:
+                    reason = self._scrub(str(exc)) or type(exc).__name__
+                    if attempt == attempts:
+                        raise ConnectorError(
+                            f"cannot reach PostgreSQL at {self.describe()} after {attempts} attempt"
+                            f"{'s' if attempts > 1 else ''}: {reason.rstrip('?.')}. Check that it is running and that "
+                            f"database.connection (or database.dsn) and the credentials are right") from None
+                    log.warning("PostgreSQL at %s unreachable (attempt %d of %d), retrying in %gs: %s",
+                                self.describe(), attempt, attempts, delay, reason)
+                    time.sleep(delay)
+                    delay = min(delay * 2, self.connect_max_delay)
+            self._pool = pool
+        if self.schema and not self._read_only:
+            self._ensure_schema()
+
+    def has_status_tables(self) -> bool:
+        """Whether the core tables exist in the configured schema, creating nothing (not even the schema)."""
+        self._read_only = True
+        self.connect(attempts=1)
+        rows = self.execute_query("SELECT to_regclass(t) IS NOT NULL AS found FROM unnest(%(names)s::text[]) AS t",
+                                  names=list(STATUS_TABLES))
+        return bool(rows) and all(row["found"] for row in rows)
+
+    def _ensure_schema(self) -> None:
+        with self.transaction():
+            if not self.execute_query("SELECT 1 AS found FROM pg_namespace WHERE nspname = %(schema)s",
+                                      schema=self.schema):
+                self.execute_query("SELECT pg_advisory_xact_lock(%(ns)s, 0)", ns=_LOCK_INIT)
+                self.execute_query(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.closeall()
+                self._pool = None
+
+    def ping(self) -> None:
+        self.connect(attempts=1)
+        self.execute_query("SELECT 1 AS ok")
+
+    def _checkout(self) -> Any:
+        self.connect()
+        if not self._slots.acquire(timeout=self.pool_timeout):
+            raise ConnectorError(f"no free PostgreSQL connection within {self.pool_timeout:g}s "
+                                 f"(database.pool.max is {self.pool_max})")
+        try:
+            assert self._pool is not None
+            conn = self._pool.getconn()
+            if not conn.autocommit:  # one round trip per statement; transactions say BEGIN themselves
+                conn.autocommit = True
+            return conn
+        except (psycopg2.Error, psycopg2.pool.PoolError) as exc:
+            self._slots.release()
+            raise ConnectorError(f"PostgreSQL at {self.describe()} unavailable: {self._scrub(str(exc))}") from None
+
+    def _checkin(self, bound: _Bound) -> None:
+        conn = bound.conn
+        broken = bound.broken or conn.closed
+        if not broken and conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            try:
+                self._command(bound, "ROLLBACK")
+            except psycopg2.Error:
+                broken = True
+        try:
+            if self._pool is not None:
+                self._pool.putconn(conn, close=bool(broken))
+            else:
+                conn.close()
+        finally:
+            self._slots.release()
+
+    @contextmanager
+    def _bound(self) -> Iterator[_Bound]:
+        """The connection bound to this thread, checking one out (and back in) when there is none."""
+        bound: _Bound | None = getattr(self._local, "bound", None)
+        if bound is not None:
+            yield bound
+            return
+        bound = _Bound(self._checkout())
+        self._local.bound = bound
+        try:
+            yield bound
+        finally:
+            self._local.bound = None
+            self._checkin(bound)
+
+    # -- transactions and claims --------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group statements atomically on one connection; nested calls join the outermost one."""
+        with self._bound() as bound:
+            if bound.depth == 0:
+                try:
+                    self._command(bound, "BEGIN")
+                except psycopg2.Error as exc:
+                    self._mark(bound, exc)
+                    raise self._translate(exc, "BEGIN") from None
+            bound.depth += 1
+            try:
+                yield
+            except BaseException:
+                bound.depth -= 1
+                if bound.depth == 0:
+                    self._end(bound, commit=False)
+                raise
+            bound.depth -= 1
+            if bound.depth == 0:
+                self._end(bound, commit=True)
+
+    def _end(self, bound: _Bound, commit: bool) -> None:
+        if bound.broken or bound.conn.closed:
+            if commit:
+                raise ConnectorError(f"lost the connection to PostgreSQL at {self.describe()} before commit")
+            return
+        try:
+            self._command(bound, "COMMIT" if commit else "ROLLBACK")
+        except psycopg2.Error as exc:
+            bound.broken = True
+            if commit:
+                raise self._translate(exc, "COMMIT") from None
+
+    @contextmanager
+    def claim(self, uuid: str) -> Iterator[None]:
+        """Hold ``uuid`` for one attempt, across processes: an advisory lock on this thread's connection.
+
+        Threads of this process wait for each other on an in-process lock; a process waits for
+        another process by polling the advisory lock without holding a connection, so waiting
+        attempts never starve the pool.  Waiting longer than ``claim_timeout`` raises
+        :class:`~sqapi.errors.ConnectorError` (the message is retried later).
+        """
+        if getattr(self._local, "bound", None) is not None:  # inside a transaction or claim already
+            yield
+            return
+        with super().claim(uuid):
+            deadline = time.monotonic() + self.claim_timeout
+            pause = 0.02
+            while True:
+                with self._bound() as bound:
+                    if self._try_lock(bound, uuid):
+                        with self._holding(bound, [uuid]):
+                            yield
+                        return
+                if time.monotonic() >= deadline:
+                    raise ConnectorError(f"message {uuid} is still being processed by another worker after "
+                                         f"{self.claim_timeout:g}s (database.claim_timeout)")
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    @contextmanager
+    def try_claim(self, uuid: str) -> Iterator[bool]:
+        """:meth:`claim` without waiting: yields whether ``uuid`` is held (by this call) or busy elsewhere."""
+        if getattr(self._local, "bound", None) is not None:
+            yield True
+            return
+        with StatusStore.try_claim(self, uuid) as mine:
+            if not mine:
+                yield False
+                return
+            with self._bound() as bound:
+                if not self._try_lock(bound, uuid):
+                    yield False
+                    return
+                with self._holding(bound, [uuid]):
+                    yield True
+
+    @contextmanager
+    def claim_many(self, uuids: Sequence[str]) -> Iterator[set[str]]:
+        """Hold several uuids for one batch: this process's locks in sorted order, then one statement trying
+        every advisory lock.  Yields the uuids held; those another process holds are left out (never waited
+        for while holding others), and the processor takes them one by one with :meth:`claim`."""
+        wanted = sorted(set(uuids))
+        if getattr(self._local, "bound", None) is not None:  # inside a transaction or claim already
+            yield set(wanted)
+            return
+        with ExitStack() as local:
+            for uuid in wanted:  # this process's own locks (the base class's), as claim() takes them
+                local.enter_context(StatusStore.claim(self, uuid))
+            yield from self._claim_advisory(wanted)
+
+    @contextmanager
+    def claim_attempts(self, messages: Sequence[Any], status: str) -> Iterator[dict[str, dict[str, Any] | None]]:
+        """:meth:`claim_many` and :meth:`record_attempts` in one round trip: yields ``{uuid: row as it was}`` for the
+        uuids held (``None``: a new message); the others (held by another process) are left out."""
+        wanted = sorted({m.uuid for m in messages})
+        if getattr(self._local, "bound", None) is not None:  # inside a transaction or claim already
+            with self.claim_many(wanted) as held:
+                chosen = [m for m in messages if m.uuid in held]
+                yield dict(zip([m.uuid for m in chosen], self.record_attempts(chosen, status), strict=True))
+            return
+        with ExitStack() as local:
+            for uuid in wanted:  # this process's own locks first, as claim_many takes them
+                local.enter_context(StatusStore.claim(self, uuid))
+            with self._bound() as bound:
+                try:
+                    with bound.conn.cursor() as cursor:
+                        cursor.execute(_CLAIM_ATTEMPTS, {"ns": _LOCK_UUID, "status": status, "now": utcnow(),
+                                                         "rows": _json_rows(messages)})
+                        rows = cursor.fetchall()
+                except psycopg2.Error as exc:
+                    bound.broken = True  # locks taken before the error would outlive it: closing drops them
+                    raise self._translate(exc, "claim") from None
+                with self._holding(bound, [row[0] for row in rows]):
+                    yield {row[0]: _as_it_was(*row) for row in rows}
+
+    def _claim_advisory(self, wanted: list[str]) -> Iterator[set[str]]:
+        with self._bound() as bound:
+            try:
+                with bound.conn.cursor() as cursor:
+                    cursor.execute("SELECT u, pg_try_advisory_lock(%(ns)s, hashtext(u)) FROM unnest(%(uuids)s::text[]) "
+                                   "AS u", {"ns": _LOCK_UUID, "uuids": wanted})
+                    held = [row[0] for row in cursor.fetchall() if row[1]]
+            except psycopg2.Error as exc:
+                self._mark(bound, exc)
+                raise self._translate(exc, "claim") from None
+            with self._holding(bound, held):
+                yield set(held)
+
+    @contextmanager
+    def _holding(self, bound: _Bound, uuids: list[str]) -> Iterator[None]:
+        """The claim's advisory locks on ``bound``, taken: released at the end -- unless the claim's final
+        write already released them after its commit (:meth:`record_progress` with ``last``)."""
+        bound.held = list(uuids)
+        try:
+            yield
+        finally:
+            self._unlock_uuids(bound, bound.held)
+            bound.held = []
+
+    def _unlock_uuids(self, bound: _Bound, uuids: list[str]) -> None:
+        if not uuids or bound.broken or bound.conn.closed:
+            return  # nothing held, or the locks went with the session
+        try:
+            if bound.conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                self._command(bound, "ROLLBACK")
+            with bound.conn.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%(ns)s, hashtext(u)) FROM unnest(%(uuids)s::text[]) AS u",
+                               {"ns": _LOCK_UUID, "uuids": uuids})
+        except psycopg2.Error:
+            bound.broken = True  # closing the connection releases the locks
+
+    def _try_lock(self, bound: _Bound, uuid: str) -> bool:
+        try:
+            with bound.conn.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_lock(%(ns)s, hashtext(%(uuid)s))",
+                               {"ns": _LOCK_UUID, "uuid": uuid})
+                row = cursor.fetchone()
+        except psycopg2.Error as exc:
+            self._mark(bound, exc)
+            raise self._translate(exc, "claim") from None
+        return bool(row and row[0])
+
+    # -- sqAPI's contract ---------------------------------------------------------------------
+    def execute_script(self, path: str, **kwargs: Any) -> list[dict[str, Any]]:
+        """Run every statement of the script at ``path`` in one transaction; the rows of the last that returns rows."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError:
+            raise ConfigError("database.init", f"SQL script '{path}' not found", "create it or fix the path")\
+                from None
+        rows: list[dict[str, Any]] = []
+        with self.transaction():
+            # two processes creating the same tables at once would collide in the catalog
+            self._run("SELECT pg_advisory_xact_lock(%(ns)s, 0)", {"ns": _LOCK_INIT}, "schema lock")
+            for number, statement in enumerate(split_statements(text), start=1):
+                names = set(_NAMED.findall(statement))
+                params = {k: v for k, v in kwargs.items() if k in names}
+                result = self._run(statement, params, f"script {path}, statement {number}")
+                if result is not None:
+                    rows = result
+        return rows
+
+    def execute_query(self, query: str, **kwargs: Any) -> list[dict[str, Any]]:
+        """One statement: inside the thread's transaction when there is one, else committed on its own."""
+        with self._bound():
+            return self._run(query, kwargs, "query") or []
+
+    @staticmethod
+    def _command(bound: _Bound, command: str) -> None:
+        with bound.conn.cursor() as cursor:
+            cursor.execute(command)
+
+    def _run(self, statement: str, params: dict[str, Any], where: str) -> list[dict[str, Any]] | None:
+        """Rows for a row-returning statement, ``None`` for any other; on this thread's connection."""
+        bound: _Bound | None = getattr(self._local, "bound", None)
+        assert bound is not None, "_run outside a transaction"
+        # psycopg2 reads %-escapes only when given parameters; give them whenever the text uses them
+        args = params if _PARAMETER.search(statement) else None
+        try:
+            with bound.conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cursor:
+                cursor.execute(statement, args)
+                if cursor.description is None:
+                    return None
+                return _dict_rows(cursor)
+        except psycopg2.Error as exc:
+            self._mark(bound, exc)
+            raise self._translate(exc, where, statement) from None
+        except KeyError as exc:
+            raise QueryError(f"{where}: no value given for parameter %({exc.args[0]})s") from None
+
+    def _mark(self, bound: _Bound, exc: psycopg2.Error) -> None:
+        if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError) or bound.conn.closed:
+            bound.broken = True
+
+    def _translate(self, exc: psycopg2.Error, where: str, statement: str = "") -> SqapiError:
+        reason = self._scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError) \
+                and not isinstance(exc, psycopg2.errors.QueryCanceled):
+            return ConnectorError(f"PostgreSQL at {self.describe()} unavailable ({where}): {reason}")
+        first = statement.strip().splitlines()[0][:120] if statement.strip() else ""
+        return QueryError(f"SQL error in {where}: {reason}" + (f" [{first}]" if first and where == "query" else ""))
+
+    # -- status queries (PostgreSQL-specific where concurrency needs it) ----------------------
+    def record_attempt(self, message: Any, status: str) -> dict[str, Any] | None:
+        """Start an attempt: one row per uuid however many workers race, each attempt counted."""
+        now = utcnow()
+        with self.transaction():
+            created = self.execute_query(
+                "INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, status, "
+                "attempts, created_at, updated_at) VALUES (%(uuid)s, %(data_location)s, %(meta_location)s, "
+                "%(data_type)s, %(hash_digest)s, %(status)s, 1, %(now)s, %(now)s) "
+                "ON CONFLICT (uuid) DO NOTHING RETURNING uuid",
+                uuid=message.uuid, data_location=getattr(message, "data_location", None),
+                meta_location=getattr(message, "meta_location", None), data_type=getattr(message, "type", None),
+                hash_digest=getattr(message, "hash_digest", None), status=status, now=now)
+            if created:
+                return None
+            rows = self.execute_query("SELECT * FROM messages WHERE uuid = %(uuid)s FOR UPDATE", uuid=message.uuid)
+            previous = _status_row(rows[0])
+            new_status = "DONE" if previous["status"] == "DONE" else status
+            self.execute_query(
+                "UPDATE messages SET attempts = attempts + 1, status = %(status)s, "
+                "info = CASE WHEN %(status)s = 'DONE' THEN info ELSE NULL END, "
+                "data_location = COALESCE(%(data_location)s, data_location), "
+                "meta_location = COALESCE(%(meta_location)s, meta_location), "
+                "data_type = COALESCE(%(data_type)s, data_type), updated_at = %(now)s WHERE uuid = %(uuid)s",
+                uuid=message.uuid, status=new_status, data_location=getattr(message, "data_location", None),
+                meta_location=getattr(message, "meta_location", None), data_type=getattr(message, "type", None),
+                now=now)
+        return previous
+
+    def record_attempts(self, messages: Sequence[Any], status: str) -> list[dict[str, Any] | None]:
+        """Several attempts (distinct uuids, claimed) in one statement: the rows as they were, each attempt counted."""
+        if len(messages) == 1:
+            return [self.record_attempt(messages[0], status)]
+        rows = self.execute_query(_RECORD_ATTEMPTS, status=status, now=utcnow(), rows=_json_rows(messages))
+        found = {row["uuid"]: _status_row(row) for row in rows}
+        return [found.get(m.uuid) for m in messages]
+
+    def update_messages(self, updates: Sequence[tuple[Any, str, str | None]]) -> None:
+        """Several messages' statuses in one set-based statement: one parse and plan, not one per row."""
+        self.record_progress(updates, [])
+
+    def update_plugins(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Several plugin rows in one set-based statement."""
+        self.record_progress([], rows)
+
+    def record_progress(self, updates: Sequence[tuple[Any, str, str | None]], rows: Sequence[dict[str, Any]],
+                        last: bool = False) -> None:
+        """Plugin rows, then message statuses, one set-based statement each, sent in one round trip (the server
+        runs them as one transaction); with ``last``, the claim's advisory locks are released in it too."""
+        if len({m.uuid for m, _s, _i in updates}) < len(updates) \
+                or len({(row["uuid"], row["plugin"]) for row in rows}) < len(rows):
+            # one statement cannot update a row twice: the portable statements, a row at a time, in order
+            # (StatusStore's own update_* -- this class's would come straight back here)
+            with self.transaction():
+                StatusStore.update_plugins(self, rows)
+                StatusStore.update_messages(self, updates)
+            return
+        statements: list[tuple[str, dict[str, Any]]] = []
+        now = utcnow()
+        # rows go as one JSON text (json_to_recordset): psycopg2 quotes one string, not each array element
+        if rows:
+            statements.append((_UPDATE_PLUGINS, {"now": now, "rows": json.dumps([
+                {"uuid": row["uuid"], "plugin": row["plugin"], "status": row["status"], "info": row.get("info"),
+                 "duration_ms": row.get("duration_ms"), "result": row.get("result")} for row in rows])}))
+        if updates:
+            statements.append((_UPDATE_MESSAGES, {"now": now, "rows": _json_rows(
+                [m for m, _s, _i in updates], [{"status": status, "info": info} for _m, status, info in updates])}))
+        if not statements:
+            return
+        with self._bound() as bound:
+            release = list(bound.held) if last and bound.depth == 0 else []
+            if release:  # unlocked only once the writes are committed: the next holder must see them
+                statements = [("BEGIN", {}), *statements, ("COMMIT", {}), (
+                    "SELECT pg_advisory_unlock(%(ns)s, hashtext(u)) FROM unnest(%(uuids)s::text[]) AS u",
+                    {"ns": _LOCK_UUID, "uuids": release})]
+            try:
+                with bound.conn.cursor() as cursor:
+                    cursor.execute(b";\n".join(cursor.mogrify(query, params or None) for query, params in statements))
+            except psycopg2.Error as exc:
+                self._mark(bound, exc)
+                raise self._translate(exc, "query", _UPDATE_PLUGINS if rows else _UPDATE_MESSAGES) from None
+            if release:
+                bound.held = []
+
+    def execute_many(self, query: str, rows: Sequence[dict[str, Any]]) -> None:
+        """One statement per parameter set, sent together (``execute_batch``) in one transaction.
+
+        Up to ``_BATCH_PAGE`` rows go in one query string, which the server runs as one implicit
+        transaction: one round trip, no BEGIN/COMMIT of its own."""
+        one_page = len(rows) <= _BATCH_PAGE
+        with contextlib.nullcontext() if one_page else self.transaction(), self._bound() as bound:
+            try:
+                with bound.conn.cursor() as cursor:
+                    psycopg2.extras.execute_batch(cursor, query, rows, page_size=_BATCH_PAGE)
+            except psycopg2.Error as exc:
+                self._mark(bound, exc)
+                raise self._translate(exc, "query", query) from None
+
+    def get_message(self, uuid: str) -> dict[str, Any] | None:
+        row = super().get_message(uuid)
+        return _status_row(row) if row is not None else None
+
+    def get_plugin_rows(self, uuid: str) -> list[dict[str, Any]]:
+        return [_status_row(row) for row in super().get_plugin_rows(uuid)]
+
+    def list_messages(self, status: str | None = None, plugin: str | None = None, limit: int = 100,
+                      before: str | None = None, before_uuid: str | None = None) -> list[dict[str, Any]]:
+        rows = super().list_messages(status, plugin, limit, before, before_uuid)
+        return [_status_row(row) for row in rows]
+
+
+def _json_rows(messages: Sequence[Any], extra: Sequence[dict[str, Any]] | None = None) -> str:
+    """Messages' columns as a JSON array of objects, for ``json_to_recordset``."""
+    return json.dumps([{"uuid": m.uuid, "data_location": getattr(m, "data_location", None),
+                        "meta_location": getattr(m, "meta_location", None), "data_type": getattr(m, "type", None),
+                        "hash_digest": getattr(m, "hash_digest", None), **(extra[i] if extra else {})}
+                       for i, m in enumerate(messages)])
+
+
+def _as_it_was(uuid: str, existed: bool, status: str, hash_digest: str | None, data_type: str | None,
+               info: str | None, attempts: int, old_status: str | None) -> dict[str, Any] | None:
+    """A ``_CLAIM_ATTEMPTS`` row as the message's row was before the attempt (``None``: there was none).
+
+    What the processor needs of it: status (DONE kept as it was; others from the statement's
+    snapshot), hash, data type, info, attempts."""
+    if not existed:
+        return None
+    # not DONE now means not DONE before (a DONE row stays DONE): the snapshot's DONE would be stale
+    earlier = old_status if old_status not in (None, "DONE") else status
+    return {"uuid": uuid, "status": status if status == "DONE" else earlier,
+            "hash_digest": hash_digest, "data_type": data_type, "info": info, "attempts": attempts - 1}
+
+
+def _dsn_password(dsn: str | None) -> str:
+    if not dsn:
+        return ""
+    if "://" in dsn:
+        return urlsplit(dsn).password or ""
+    found = re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
+    return found.group(1).strip("'") if found else ""
