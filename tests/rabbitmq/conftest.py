@@ -1,0 +1,241 @@
+"""Fixtures for tests against the real RabbitMQ on 127.0.0.1:5672, each test in its own vhost.
+
+A vhost is created with ``rabbitmqctl add_vhost`` / ``set_permissions`` and deleted with
+``rabbitmqctl delete_vhost`` afterwards, so tests never see each other's queues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import yaml
+
+from sqapi.app import Sqapi
+from tests.services import pg_schema, pg_section, postgres_server  # noqa: F401 (fixtures, used by name)
+
+HOST, PORT = "127.0.0.1", 5672
+START = "rabbitmq-server -detached"
+SQAPI = str(Path(sys.executable).with_name("sqapi"))
+
+RECORD_PLUGIN = '''
+import os
+import time
+
+from sqapi.errors import PermanentError
+
+
+def execute(config, database, message, metadata, data):
+    """Logs each run, sleeps or fails as the metadata says, then records its side effect once."""
+    earlier = database.execute_query("SELECT COUNT(*) AS n FROM record_runs WHERE uuid = %(uuid)s",
+                                     uuid=message.uuid)[0]["n"]
+    database.execute_query(
+        "INSERT INTO record_runs (uuid, pid, started) VALUES (%(uuid)s, %(pid)s, %(started)s)",
+        uuid=message.uuid, pid=os.getpid(), started=time.time())
+    time.sleep(float(metadata.get("sleep", 0)))
+    if not earlier:
+        time.sleep(float(metadata.get("sleep_first_run", 0)))
+    if metadata.get("fail"):
+        raise RuntimeError("this message always fails")
+    if metadata.get("refuse"):
+        raise PermanentError("refused for good")
+    database.execute_query(
+        "INSERT INTO record_effects (uuid, size) VALUES (%(uuid)s, %(size)s) ON CONFLICT (uuid) DO NOTHING",
+        uuid=message.uuid, size=len(data.read()))
+    return {"ok": True}
+'''
+
+RECORD_INIT = '''
+CREATE TABLE IF NOT EXISTS record_runs (uuid TEXT NOT NULL, pid INTEGER NOT NULL, started DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS record_effects (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL);
+'''
+
+
+def rabbitmqctl(*args: str) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is not installed: install the rabbitmq-server package", pytrace=False)
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed ({done.stderr.strip() or done.stdout.strip()}); "
+                    f"is RabbitMQ running? Start it with `{START}`", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_up() -> None:
+    try:
+        socket.create_connection((HOST, PORT), timeout=3).close()
+    except OSError as exc:
+        pytest.fail(f"RabbitMQ is not reachable on {HOST}:{PORT} ({exc}); start it with `{START}`", pytrace=False)
+
+
+@pytest.fixture
+def vhost(rabbitmq_up: None) -> Iterator[str]:
+    """A fresh vhost for this test, guest allowed everything in it; deleted afterwards."""
+    name = f"sqapi-test-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def broker(vhost: str) -> dict[str, Any]:
+    """The msg_broker section for this test's vhost: small delays so retries are quick."""
+    return {
+        "type": "rabbitmq", "host": HOST, "port": PORT, "vhost": vhost, "user": "guest", "password": "guest",
+        "exchange_name": "sqapi", "exchange_type": "direct", "routing_key": "sqapi", "queue_name": "sqapi",
+        "durable": True, "quorum": True, "delivery_limit": 10, "prefetch": 20, "heartbeat": 10,
+        "retry": {"max_attempts": 3, "initial_delay": 0.3, "multiplier": 2.0, "max_delay": 5.0},
+        "reconnect": {"initial_delay": 0.2, "max_delay": 2.0},
+    }
+
+
+@pytest.fixture
+def record_plugin(write_plugin: Callable[..., Path]) -> Path:
+    return write_plugin("record", RECORD_PLUGIN, init_sql=RECORD_INIT)
+
+
+def connection(vhost: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.ConnectionParameters(HOST, PORT, vhost, heartbeat=30))
+
+
+def publish(vhost: str, bodies: list[bytes | dict[str, Any]], routing_key: str = "sqapi") -> None:
+    """Publish with confirms, as a plain pika publisher would (the exchange must exist)."""
+    with connection(vhost) as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            channel.basic_publish("sqapi", routing_key, raw, pika.BasicProperties(delivery_mode=2), mandatory=True)
+
+
+def declare(vhost: str, broker: dict[str, Any]) -> None:
+    from sqapi.connectors.listeners.rabbitmq import BrokerSettings, declare_topology
+
+    with connection(vhost) as conn:
+        declare_topology(conn.channel(), BrokerSettings.from_config(broker))
+
+
+def depth(vhost: str, queue: str) -> int:
+    with connection(vhost) as conn:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+
+
+def take_all(vhost: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    taken = []
+    with connection(vhost) as conn:
+        channel = conn.channel()
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append((properties, body))
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def message(n: int | str, data_location: str = "item.txt", **metadata: Any) -> dict[str, Any]:
+    return {"uuid_ref": f"msg-{n}", "data_location": data_location, "data_type": "text/plain",
+            "metadata": metadata}
+
+
+@contextmanager
+def listening(app: Sqapi) -> Iterator[Any]:
+    """The app's listener consuming in a thread; stopped (and joined) on exit."""
+    listener = app.create_listener()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            listener.start_listeners()
+        except BaseException as exc:  # surfaced to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="test-listener", daemon=True)
+    thread.start()
+    try:
+        yield listener
+    finally:
+        listener.stop()
+        thread.join(60)
+        assert not thread.is_alive(), "the listener did not stop"
+    assert not errors, errors
+
+
+@dataclass
+class Loader:
+    """A ``sqapi loader`` subprocess."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Loaders:
+    workdir: Path
+    started: list[Loader] = field(default_factory=list)
+
+    def start(self, config: Path, *options: str) -> Loader:
+        log = self.workdir / f"loader-{len(self.started) + 1}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen([SQAPI, "--log-level", "INFO", "loader", "-c", str(config), *options],
+                                       cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+        loader = Loader(process, log)
+        self.started.append(loader)
+        return loader
+
+
+@pytest.fixture
+def loaders(workdir: Path) -> Iterator[Loaders]:
+    """Start ``sqapi loader`` subprocesses; any still running at the end are killed."""
+    made = Loaders(workdir)
+    yield made
+    for loader in made.started:
+        if loader.process.poll() is None:
+            loader.process.send_signal(signal.SIGKILL)
+            loader.process.wait(10)
+
+
+@pytest.fixture
+def loader_config(workdir: Path, broker: dict[str, Any]) -> Callable[..., Path]:
+    def write(**broker_overrides: Any) -> Path:
+        path = workdir / "loader.yml"
+        path.write_text(yaml.safe_dump({"msg_broker": {**broker, **broker_overrides}}), encoding="utf-8")
+        return path
+
+    return write
