@@ -1,0 +1,1 @@
+DELETE FROM es_documents WHERE uuid_ref = %(uuid_ref)s;

@@ -1,0 +1,126 @@
+"""es_indexer against a stand-in for Elasticsearch (tests/plugins/es_standin.py), through the official client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sqapi.app import Sqapi
+from sqapi.core.message import Message
+from sqapi.errors import ConnectorError, PermanentError
+from sqapi.testing import load_plugin, run_plugin
+from tests.plugins.conftest import PLUGINS, es_settings
+from tests.plugins.es_standin import ElasticsearchStandIn
+
+PLUGIN = PLUGINS / "es_indexer"
+EXTRACTED = {"pdf_extractor": {"pages": 2, "chars": 11, "text": "hello\fworld", "truncated": False}}
+
+
+def config(es: ElasticsearchStandIn, **extra: Any) -> dict[str, Any]:
+    return {"custom": {"es_indexer": es_settings(es, **extra)}}
+
+
+def test_a_message_becomes_one_document_with_its_uuid_as_id_and_the_extracted_text(
+        tmp_path: Path, es: ElasticsearchStandIn) -> None:
+    run = run_plugin(PLUGIN, b"%PDF-1.4 ...", tmp_path, metadata={"owner": "ops"}, config=config(es),
+                     results=EXTRACTED, uuid="u-1", type="application/pdf", body={"uuid_ref": "u-1", "x": 1})
+
+    index = f"sqapi-{datetime.now(UTC):%Y.%m}"
+    assert run.result == {"action": "index", "index": index, "id": "u-1", "result": "created"}
+    document = es.indices[index]["u-1"]
+    assert document["text"] == "hello\fworld" and document["pages"] == 2
+    assert document["metadata"] == {"owner": "ops"}
+    assert document["hash_digest"] == run.message.hash_digest and document["data_type"] == "application/pdf"
+    assert document["message"] == {"uuid_ref": "u-1", "x": 1}
+
+
+def test_a_redelivered_message_overwrites_its_document_in_the_index_it_first_went_to(
+        tmp_path: Path, es: ElasticsearchStandIn) -> None:
+    run_plugin(PLUGIN, b"one", tmp_path, config=config(es, index="docs-{data_type}"), uuid="u-2",
+               type="text/plain")
+    again = run_plugin(PLUGIN, b"two", tmp_path, config=config(es, index="docs-{data_type}"), uuid="u-2",
+                       type="application/json")
+
+    assert again.result["index"] == "docs-text-plain" and again.result["result"] == "updated"
+    assert es.count() == 1
+
+
+def test_a_message_asking_for_deletion_deletes_the_document(tmp_path: Path, es: ElasticsearchStandIn) -> None:
+    run_plugin(PLUGIN, b"one", tmp_path, config=config(es), uuid="u-3")
+    deleted = run_plugin(PLUGIN, b"one", tmp_path, config=config(es), uuid="u-3",
+                         body={"uuid_ref": "u-3", "Action": "DELETE"})
+    assert deleted.result["action"] == "delete" and deleted.result["result"] == "deleted"
+    assert es.count() == 0
+
+
+def test_deleting_a_document_of_unknown_index_searches_every_index_of_the_pattern(
+        tmp_path: Path, es: ElasticsearchStandIn) -> None:
+    es.indices["sqapi-2001.01"] = {"u-4": {"text": "old"}}
+    deleted = run_plugin(PLUGIN, b"x", tmp_path, config=config(es), uuid="u-4", body={"action": "delete"})
+    assert deleted.result["result"] == "deleted"
+    assert ("POST", "/sqapi-*/_delete_by_query") in es.requests and es.count() == 0
+
+
+def test_messages_indexed_at_the_same_time_share_one_bulk_request(tmp_path: Path, es: ElasticsearchStandIn) -> None:
+    plugin = load_plugin(PLUGIN, tmp_path, config(es, batch_size=3, batch_wait=5.0))
+    assert plugin.module is not None
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x")
+    results: list[Any] = []
+
+    def index(n: int) -> None:
+        message = Message(id=str(n), uuid=f"batch-{n}", data_location=str(data), hash_digest="h")
+        with open(data, "rb") as handle:
+            results.append(plugin.module.execute(plugin.config, plugin.database, message, {}, handle))  # type: ignore[union-attr]
+
+    threads = [threading.Thread(target=index, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    # the third call filled the batch: one request, long before batch_wait ran out
+    assert len(results) == 3 and es.bulk_sizes == [3] and es.count() == 3
+
+
+def test_429_and_5xx_answers_are_retried_with_backoff(tmp_path: Path, es: ElasticsearchStandIn) -> None:
+    es.fail_next = [429, 503]
+    run = run_plugin(PLUGIN, b"x", tmp_path, config=config(es), uuid="u-5")
+    assert run.result["result"] == "created"
+    assert len([r for r in es.requests if r[1] == "/_bulk"]) == 3 and es.bulk_sizes == [1]
+
+
+def test_a_server_failing_every_retry_is_a_retryable_connector_error(tmp_path: Path, es: ElasticsearchStandIn) \
+        -> None:
+    es.fail_next = [503, 503, 503]
+    with pytest.raises(ConnectorError, match="503"):
+        run_plugin(PLUGIN, b"x", tmp_path, config=config(es), uuid="u-6")
+
+
+def test_a_refused_document_is_a_permanent_failure(tmp_path: Path, es: ElasticsearchStandIn) -> None:
+    es.item_status["u-7"] = [400]
+    with pytest.raises(PermanentError, match="refused document u-7 \\(400\\)"):
+        run_plugin(PLUGIN, b"x", tmp_path, config=config(es), uuid="u-7")
+
+
+def test_a_bad_request_is_a_permanent_failure(tmp_path: Path, es: ElasticsearchStandIn) -> None:
+    es.fail_next = [400]
+    with pytest.raises(PermanentError, match="400"):
+        run_plugin(PLUGIN, b"x", tmp_path, config=config(es), uuid="u-8")
+
+
+def test_an_unreachable_elasticsearch_is_a_retryable_connector_error(tmp_path: Path) -> None:
+    with pytest.raises(ConnectorError, match="unreachable"):
+        run_plugin(PLUGIN, b"x", tmp_path, uuid="u-9",
+                   config={"custom": {"es_indexer": {"hosts": "http://127.0.0.1:9", "backoff": 0.01,
+                                                     "max_retries": 1}}})
+
+
+def test_without_hosts_the_indexer_stays_unloaded_and_says_why(make_app: Callable[..., Sqapi]) -> None:
+    app = make_app({"active_plugins": ["es_indexer"]})
+    plugin = app.plugins.plugins["es_indexer"]
+    assert plugin.state == "unloaded" and "custom.es_indexer.hosts" in (plugin.reason or "")
