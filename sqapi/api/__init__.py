@@ -1,0 +1,1 @@
+"""sqapi's HTTP API (Flask): core endpoints, dashboard and plugin blueprints."""

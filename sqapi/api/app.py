@@ -1,0 +1,306 @@
+"""The Flask application: core endpoints, dashboard, metrics and every plugin's blueprints.
+
+:func:`create_app` is the one factory.  It takes a wired :class:`~sqapi.app.Sqapi` (from
+:func:`sqapi.app.build`) and registers, like sqAPI does, each active plugin's blueprints
+with ``app.config[name]`` (the plugin's config) and ``app.database[name]`` (its database),
+so a blueprint reads ``flask.current_app.config[name]`` and ``current_app.database[name]``.
+
+Endpoints (SPEC section 10; ``docs/api.md`` describes each)::
+
+    GET /                  dashboard (HTML)
+    GET /health            each component's state; 200 all up, 503 naming what is down
+    GET /plugins           active / unloaded / failed plugins, their blueprints and endpoints
+    GET /rules             every URL rule
+    GET /messages          ?status=&plugin=&limit=&before=&before_uuid= (newest first, paged)
+    GET /messages/<uuid>   one message with its per-plugin rows
+    GET /metrics           Prometheus text format
+
+With ``api.token`` set (default: ``$SQAPI_API_TOKEN``), every route but ``/health`` needs
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Blueprint, Flask, Response, current_app, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from sqapi.api import dashboard, responding
+from sqapi.api.health import Component, HealthCheck
+from sqapi.api.metrics import CONTENT_TYPE, Metrics
+from sqapi.app import Sqapi
+from sqapi.config import secret_values
+from sqapi.connectors.db import MESSAGE_STATUSES
+from sqapi.errors import ConnectorError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
+OPEN_ENDPOINTS = {"core.health", "static"}
+REFRESH_SECONDS = 10
+
+
+class SqapiFlask(Flask):
+    """Flask with what sqAPI's blueprints expect beside ``config``: ``database`` (and ``plugins``)."""
+
+    database: dict[str, Any]
+    sqapi: Sqapi
+    metrics: Metrics
+    health: HealthCheck
+    registration_errors: dict[str, list[str]]
+
+
+def _app() -> SqapiFlask:
+    return current_app  # type: ignore[return-value]
+
+
+def api_token(config: Any) -> str:
+    """``api.token`` from the config, else ``$SQAPI_API_TOKEN``; empty means no token."""
+    token = (config.get("api") or {}).get("token")
+    if token in (None, ""):
+        token = os.environ.get("SQAPI_API_TOKEN", "")
+    return str(token)
+
+
+def create_app(sqapi: Sqapi, listener: Any = None) -> SqapiFlask:
+    """The Flask app for a wired sqapi; ``listener`` is the running one (``sqapi run``), if any.
+
+    Appends the app's :class:`~sqapi.api.metrics.Metrics` to ``sqapi.processor.hooks``, so
+    what this process processes shows in ``/metrics``.
+    """
+    config = sqapi.config
+    section = config.get("api") or {}
+    app = SqapiFlask(__name__)
+    app.url_map.strict_slashes = False
+    app.config["MAX_CONTENT_LENGTH"] = int(section.get("max_body_bytes") or DEFAULT_MAX_BODY_BYTES)
+    app.sqapi = sqapi
+    app.database = {}
+    app.registration_errors = {}
+    app.metrics = Metrics(sqapi.database)
+    sqapi.processor.hooks.append(app.metrics)
+
+    secrets = sorted(secret_values(config), key=len, reverse=True)
+
+    def mask(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    app.health = HealthCheck(_components(sqapi, listener), timeout=float(section.get("health_timeout", 5.0)),
+                             mask=mask)
+
+    token = api_token(config)
+    _install_auth(app, token)
+    _install_error_handlers(app)
+    app.register_blueprint(core)
+    _register_plugin_blueprints(app, sqapi)
+    return app
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+def _components(sqapi: Sqapi, listener: Any) -> list[Component]:
+    config = sqapi.config
+
+    def kind(topic: str) -> str:
+        return str((config.get(topic) or {}).get("type"))
+
+    components = [Component("database", kind("database"), sqapi.database.ping)]
+    broker_ping: Any
+    try:
+        broker = listener if listener is not None else sqapi.create_listener()
+        broker_ping = getattr(broker, "ping", None) or (lambda: None)
+    except Exception as exc:  # a broker that cannot even be built is reported as down, not a crash
+        problem = exc
+
+        def broker_ping() -> None:
+            raise problem
+
+    components.append(Component("msg_broker", kind("msg_broker"), broker_ping))
+    components.append(Component("data_store", kind("data_store"), sqapi.data_store.ping))
+    components.append(Component("meta_store", kind("meta_store"), sqapi.meta_store.ping))
+    return components
+
+
+def _install_auth(app: SqapiFlask, token: str) -> None:
+    if not token:
+        return
+    expected = token.encode()
+
+    @app.before_request
+    def require_token() -> Response | None:
+        if request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
+            return None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+            return None
+        answer = responding.respond({"error": "unauthorized",
+                                     "details": "send the API token as 'Authorization: Bearer <token>'"}, 401)
+        answer.headers["WWW-Authenticate"] = 'Bearer realm="sqapi"'
+        return answer
+
+
+def _install_error_handlers(app: SqapiFlask) -> None:
+    @app.errorhandler(ConnectorError)
+    def unavailable(exc: ConnectorError) -> Response:
+        return responding.respond({"error": "service unavailable", "details": str(exc)}, 503)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return responding.respond({"error": (exc.name or "error").lower(), "details": exc.description},
+                                  exc.code or 500)
+
+
+def _register_plugin_blueprints(app: SqapiFlask, sqapi: Sqapi) -> None:
+    for plugin in sqapi.plugins.active:
+        app.config[plugin.name] = plugin.config
+        app.database[plugin.name] = plugin.database if plugin.database is not None else sqapi.database
+        for bp in plugin.blueprints:
+            try:
+                app.register_blueprint(bp)
+            except Exception as exc:  # e.g. two plugins' blueprints share a name: keep serving the rest
+                problem = f"blueprint {bp.name}: not registered: {exc}"
+                app.registration_errors.setdefault(plugin.name, []).append(problem)
+                log.error("plugin %s: %s", plugin.name, problem)
+
+
+# -- core endpoints -------------------------------------------------------------------------------
+core = Blueprint("core", __name__)
+
+
+@core.route("/health", methods=["GET"])
+def health() -> Response:
+    report = _app().health.check()
+    return responding.respond(report, 200 if report["status"] == "up" else 503)
+
+
+def url_rules() -> list[dict[str, Any]]:
+    """Every URL rule, in sqAPI's ``/rules`` format (``function``, ``endpoint``, ``arguments``, ``methods``)."""
+    rules = []
+    for rule in sorted(_app().url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.endpoint == "static":
+            continue
+        rules.append({
+            "function": rule.endpoint,
+            "endpoint": rule.rule,
+            "arguments": sorted(rule.arguments),
+            "methods": sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}),
+        })
+    return rules
+
+
+def plugin_list() -> list[dict[str, Any]]:
+    """sqAPI's ``/plugins`` entries (``name``, ``status``, ``error``, ``blueprints``) plus sqapi's details."""
+    app = _app()
+    rules = url_rules()
+    registered = app.blueprints
+    entries = []
+    for plugin in app.sqapi.plugins.plugins.values():
+        entry = plugin.describe()
+        entry["status"] = plugin.state
+        if plugin.reason and plugin.state == "failed":
+            entry["error"] = plugin.reason
+        entry["blueprint_errors"] = list(plugin.blueprint_errors) + app.registration_errors.get(plugin.name, [])
+        blueprints = []
+        for bp in plugin.blueprints:
+            if not any(bp is served for served in registered.values()):
+                continue  # not registered: its error is in blueprint_errors
+            blueprints.append({
+                "package": bp.name,
+                "url_prefix": bp.url_prefix,
+                "url_values_defaults": bp.url_values_defaults,
+                "endpoints": [r for r in rules if r["function"].startswith(bp.name + ".")],
+            })
+        entry["blueprints"] = blueprints
+        entries.append(entry)
+    order = {"active": 0, "unloaded": 1, "failed": 2}
+    return sorted(entries, key=lambda e: (order.get(e["state"], 3), e["name"]))
+
+
+@core.route("/plugins", methods=["GET"])
+def plugins() -> Response:
+    return responding.ok(plugin_list())
+
+
+@core.route("/rules", methods=["GET"])
+def rules() -> Response:
+    return responding.ok(url_rules())
+
+
+@core.route("/messages", methods=["GET"])
+def messages() -> Response:
+    status = request.args.get("status") or None
+    if status is not None:
+        status = status.upper()
+        if status not in MESSAGE_STATUSES:
+            return responding.invalid_request(f"status must be one of {', '.join(MESSAGE_STATUSES)}")
+    raw_limit = request.args.get("limit") or str(DEFAULT_LIMIT)
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        return responding.invalid_request(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    limit = int(raw_limit)
+    plugin = request.args.get("plugin") or None
+    before = request.args.get("before") or None
+    before_uuid = request.args.get("before_uuid") or None
+    rows = _app().sqapi.database.list_messages(status=status, plugin=plugin, limit=limit, before=before,
+                                               before_uuid=before_uuid)
+    body: dict[str, Any] = {"messages": rows, "count": len(rows), "next": None}
+    if len(rows) == limit:
+        last = rows[-1]
+        cursor = last["updated_at"].isoformat() if isinstance(last["updated_at"], datetime) \
+            else str(last["updated_at"])
+        query = {k: v for k, v in (("status", status), ("plugin", plugin)) if v}
+        query.update(limit=str(limit), before=cursor, before_uuid=str(last["uuid"]))
+        body["next"] = f"{request.path}?{urlencode(query)}"
+    return responding.ok(body)
+
+
+@core.route("/messages/<uuid>", methods=["GET"])
+def message(uuid: str) -> Response:
+    database = _app().sqapi.database
+    row = database.get_message(uuid)
+    if row is None:
+        return responding.not_found(f"no message with uuid {uuid}")
+    plugin_rows = database.get_plugin_rows(uuid)
+    for plugin_row in plugin_rows:
+        plugin_row["result"] = dashboard.decode_result(plugin_row.get("result"))
+    failed = [p["plugin"] for p in plugin_rows if p["status"] == "FAILED"]
+    return responding.ok({**row, "plugins": plugin_rows, "failed_plugins": failed})
+
+
+@core.route("/metrics", methods=["GET"])
+def metrics() -> Response:
+    return Response(_app().metrics.render(), status=200, content_type=CONTENT_TYPE)
+
+
+@core.route("/", methods=["GET"])
+def index() -> Response:
+    app = _app()
+    database = app.sqapi.database
+    now = datetime.now(UTC)
+    error = None
+    counts: dict[str, int] = {}
+    buckets: list[dashboard.MinuteBucket] = []
+    failures: list[dict[str, Any]] = []
+    latency: list[dashboard.PluginLatency] = []
+    try:
+        counts = dashboard.counts_by_status(database)
+        buckets = dashboard.throughput(database, now)
+        failures = dashboard.latest_failures(database)
+        latency = dashboard.plugin_latency(database, [p.name for p in app.sqapi.plugins.active])
+    except ConnectorError as exc:
+        error = f"status database unavailable: {exc}"
+    html = render_template(
+        "dashboard.html", counts=counts, total=sum(counts.values()), buckets=buckets,
+        peak=max([b.total for b in buckets] + [1]), failures=failures, latency=latency,
+        plugins=plugin_list(), health=app.health.check(), error=error, refresh=REFRESH_SECONDS,
+        now=now.strftime("%Y-%m-%d %H:%M:%S UTC"), final_statuses=dashboard.FINAL_STATUSES)
+    answer = Response(html, status=200, mimetype="text/html")
+    answer.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+    answer.headers["Cache-Control"] = "no-store"
+    return answer

@@ -1,0 +1,64 @@
+"""The dashboard as a person sees it: the real server, headless Chromium, a screenshot to look at.
+
+Chromium is installed by ``scripts/install_chromium.sh`` when missing (Debian's package).
+The screenshot lands in ``test-artifacts/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sqapi.app import Sqapi
+
+from .conftest import BASE_CONFIG, PROJECT, Server, process_samples
+
+ARTIFACTS = PROJECT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    result = subprocess.run(["bash", str(PROJECT / "scripts" / "install_chromium.sh")], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, f"chromium could not be installed (run scripts/install_chromium.sh):\n" \
+                                   f"{result.stderr}"
+    return result.stdout.strip().splitlines()[-1]
+
+
+def browse(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}"]
+    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_dashboard_in_a_browser_shows_counts_and_the_failure_reason(
+        plugin_folders: None, make_app: Callable[..., Sqapi], write_data: Callable[[str, bytes | str], str],
+        start_server: Callable[..., Server], chromium: str, tmp_path: Path) -> None:
+    sqapi = make_app(BASE_CONFIG)
+    process_samples(sqapi, write_data)
+    sqapi.close()  # the server process reads the same SQLite file
+    server = start_server("api")
+
+    dom = browse(chromium, tmp_path / "profile-dom", "--dump-dom", server.url + "/")
+    assert dom.returncode == 0, dom.stderr
+    page = dom.stdout
+    assert 'id="count-DONE">2<' in page
+    assert 'id="count-FAILED">1<' in page
+    assert 'id="count-total">3<' in page
+    assert "uuid-bad" in page and "the data starts with 'bad'" in page
+    assert "picky" in page and "p95" in page
+    assert "a_module_that_does_not_exist" in page  # the broken plugin and why
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "dashboard.png"
+    screenshot.unlink(missing_ok=True)
+    shot = browse(chromium, tmp_path / "profile-shot", f"--screenshot={screenshot}", "--window-size=1280,1000",
+                  server.url + "/")
+    assert shot.returncode == 0, shot.stderr
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank one
+    assert server.stop() == 0
