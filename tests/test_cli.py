@@ -1,0 +1,246 @@
+"""The sqapi command, run as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SQAPI = str(Path(sys.executable).parent / "sqapi")
+
+
+def sqapi(*args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None,
+          timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SQAPI, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def samples(workdir: Path, monkeypatch) -> Path:
+    """A copy of the bundled samples, run from a folder of its own on the embedded default."""
+    shutil.copytree(ROOT / "samples", workdir / "samples")
+    for name in ("SQAPI_DATA_DIR", "SQAPI_DB", "SQAPI_SPOOL_DIR"):
+        monkeypatch.delenv(name)
+    return workdir
+
+
+def test_process_prints_every_sample_done_and_a_second_run_runs_no_plugin_again(samples: Path) -> None:
+    first = sqapi("process", "samples/messages.jsonl", cwd=samples)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    expected = len((samples / "samples" / "messages.jsonl").read_text().splitlines())
+    assert len(lines) == expected and all(line.split()[1] == "DONE" for line in lines)
+    assert (samples / ".sqapi" / "sqapi.db").exists()
+    second = sqapi("process", "samples/messages.jsonl", cwd=samples)
+    assert second.returncode == 0
+    assert all(line.endswith("DONE already done, no plugin run again") for line in second.stdout.splitlines())
+    assert len(second.stdout.splitlines()) == expected
+
+
+def test_process_gives_one_clear_line_per_bad_message_and_exits_1(workdir: Path, write_plugin, write_data) -> None:
+    write_plugin("keeper", "def execute(config, database, message, metadata, data):\n"
+                           "    database.execute_query('INSERT INTO kept (uuid) VALUES (%(u)s)', u=message.uuid)\n",
+                 init_sql="CREATE TABLE IF NOT EXISTS kept (uuid TEXT);")
+    write_plugin("raiser", "def execute(config, database, message, metadata, data):\n"
+                           "    raise ValueError('cannot read this')\n")
+    good = write_data("good.txt", "fine")
+    (workdir / "malformed.json").write_text("{not json")
+    (workdir / "no_location.json").write_text('{"uuid_ref": "no-location"}')
+    (workdir / "outside.json").write_text('{"uuid_ref": "outside", "data_location": "../../etc/hostname"}')
+    (workdir / "raises.json").write_text(json.dumps({"uuid_ref": "raises", "data_location": good}))
+    (workdir / "cfg.yml").write_text("active_plugins: [keeper, raiser]\n")
+    result = sqapi("-c", "cfg.yml", "process", "malformed.json", "no_location.json", "outside.json",
+                   "raises.json", cwd=workdir)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "- FAILED malformed message (malformed.json): body is not valid JSON (Expecting property name enclosed "
+        "in double quotes at line 1 column 2)",
+        "no-location FAILED malformed message: missing required field: data_location",
+        "outside FAILED data: data_location '../../etc/hostname' is outside base_dir "
+        "(set data_store.base_dir or $SQAPI_DATA_DIR to a folder that holds it)",
+        "raises FAILED gave up after 1 attempt: plugin raiser: ValueError: cannot read this",
+    ]
+    status = sqapi("-c", "cfg.yml", "status", "raises", "--json", cwd=workdir)
+    row = json.loads(status.stdout)
+    assert row["status"] == "FAILED"
+    assert {p["plugin"]: p["status"] for p in row["plugins"]} == {"keeper": "DONE", "raiser": "FAILED"}
+    failed = sqapi("-c", "cfg.yml", "messages", "--status", "FAILED", cwd=workdir).stdout
+    assert {line.split()[0] for line in failed.splitlines()} == {"no-location", "outside", "raises"}
+    import sqlite3
+    kept = sqlite3.connect(workdir / "sqapi.db").execute("SELECT uuid FROM kept").fetchall()
+    assert kept == [("raises",)]  # the other plugin's work is intact
+
+
+def test_process_builds_a_message_for_a_data_file_and_reads_stdin(workdir: Path, write_data) -> None:
+    location = write_data("doc.txt", "some text")
+    result = sqapi("process", str(workdir / "data" / location), cwd=workdir)
+    assert result.returncode == 0 and result.stdout.split()[1] == "DONE"
+    uuid = result.stdout.split()[0]
+    assert json.loads(sqapi("status", uuid, "--json", cwd=workdir).stdout)["data_location"] == "doc.txt"
+    lines = "\n".join(json.dumps({"uuid_ref": f"in-{i}", "data_location": location}) for i in range(3))
+    piped = sqapi("process", "-", cwd=workdir, stdin=lines)
+    assert [line.split()[:2] for line in piped.stdout.splitlines()] == [[f"in-{i}", "DONE"] for i in range(3)]
+
+
+def test_plugins_lists_active_unloaded_and_failed_plugins_with_reasons(workdir: Path, write_plugin) -> None:
+    write_plugin("broken", "import nowhere_to_be_found\n")
+    write_plugin("idle", "def execute(config, database, message, metadata, data):\n    pass\n")
+    (workdir / "cfg.yml").write_text("active_plugins: [sizes, broken]\n")
+    output = sqapi("-c", "cfg.yml", "plugins", cwd=workdir).stdout
+    lines = {line.split()[0]: line for line in output.splitlines() if line.strip()}
+    assert "active" in lines["sizes"]
+    assert "endpoints: GET /sizes/<uuid_ref>, GET /sizes/larger/<int:size>" in lines["sizes"]
+    assert "unloaded" in lines["idle"] and "not in active_plugins" in lines["idle"]
+    assert "failed" in lines["broken"] and "No module named 'nowhere_to_be_found'" in lines["broken"]
+
+
+def test_check_reports_each_system_and_fails_when_one_is_unreachable(workdir: Path) -> None:
+    ok = sqapi("check", cwd=workdir)
+    assert ok.returncode == 0, ok.stdout
+    assert [line.split()[:2] for line in ok.stdout.splitlines()] == [
+        ["ok", "config"], ["ok", "database"], ["ok", "msg_broker"], ["ok", "data_store"], ["ok", "meta_store"],
+        ["ok", "plugins"]]
+    assert "sqlite at " in ok.stdout and "sqapi.db" in ok.stdout and "directory at " in ok.stdout
+    (workdir / "bad.yml").write_text("data_store:\n  type: disk\n  base_dir: /nonexistent/place\n")
+    bad = sqapi("-c", "bad.yml", "check", cwd=workdir)
+    assert bad.returncode == 1
+    assert "FAIL  data_store  disk: base_dir '/nonexistent/place' is not a readable folder" in bad.stdout
+
+
+def test_a_wrong_config_stops_with_one_line_naming_file_key_and_fix(workdir: Path) -> None:
+    (workdir / "typo.yml").write_text("data_store:\n  type: dsik\n")
+    result = sqapi("-c", "typo.yml", "process", "x.json", cwd=workdir)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "Error: typo.yml: data_store.type: unknown type 'dsik'. Fix: did you mean 'disk'? "
+        f"(use one of: {', '.join(sorted(p.stem for p in (ROOT / 'sqapi/connectors/data').glob('[!_]*.py')))})"]
+
+
+def test_status_of_an_unknown_uuid_exits_1(workdir: Path) -> None:
+    from sqapi.connectors.db.sqlite import Database
+
+    database = Database({"path": str(workdir / "sqapi.db")})
+    database.initialize_message_table()
+    database.close()
+    result = sqapi("status", "nope", cwd=workdir)
+    assert result.returncode == 1 and "no such message" in result.stderr
+
+
+def test_secrets_never_reach_the_logs(workdir: Path, write_plugin, write_data) -> None:
+    write_plugin("leaky", "import logging\ndef execute(config, database, message, metadata, data):\n"
+                          "    logging.getLogger('leaky').error('connecting with %s', config.custom['password'])\n")
+    (workdir / "cfg.yml").write_text("active_plugins: [leaky]\ncustom:\n  password: hunter2-very-secret\n")
+    location = write_data("a.txt", "x")
+    (workdir / "m.json").write_text(json.dumps({"uuid_ref": "s", "data_location": location}))
+    result = sqapi("-c", "cfg.yml", "--json-logs", "--log-level", "INFO", "process", "m.json", cwd=workdir)
+    assert "hunter2-very-secret" not in result.stderr + result.stdout
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert any(r["message"] == "connecting with ***" and r["logger"] == "leaky" for r in records)
+
+
+def test_new_plugin_scaffolds_a_plugin_whose_own_test_passes(workdir: Path) -> None:
+    result = sqapi("new-plugin", "word_count", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    folder = workdir / "plugins" / "word_count"
+    assert (folder / "__init__.py").exists() and (folder / "scripts" / "init.sql").exists()
+    test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
+                          cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "1 passed" in test.stdout
+    listed = sqapi("plugins", cwd=workdir).stdout
+    assert any(line.startswith("word_count") and "active" in line for line in listed.splitlines())
+    again = sqapi("new-plugin", "word_count", cwd=workdir)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_run_consumes_the_spool_and_exits_0_on_sigterm(workdir: Path, write_data) -> None:
+    location = write_data("a.txt", "x")
+    spool = workdir / "spool"
+    spool.mkdir()
+    (spool / "m1.json").write_text(json.dumps({"uuid_ref": "r1", "data_location": location}))
+    process = subprocess.Popen([SQAPI, "run"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (spool / "done" / "m1.json").exists():
+            assert time.monotonic() < deadline, "the spool file was not processed"
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        (spool / "m2.json").write_text(json.dumps({"uuid_ref": "r2", "data_location": location}))
+        while not (spool / "done" / "m2.json").exists():
+            assert time.monotonic() < deadline, "the second file was not processed"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "finishing in-flight messages" in stderr
+
+
+def test_log_options_work_after_the_command_name_and_win_over_the_ones_before(workdir: Path, write_data) -> None:
+    (workdir / "m.json").write_text(json.dumps({"uuid_ref": "logged", "data_location": write_data("a.txt", "x")}))
+    quiet = sqapi("process", "m.json", cwd=workdir)
+    debug = sqapi("--log-level", "ERROR", "process", "--log-level", "DEBUG", "m.json", cwd=workdir)
+    assert quiet.returncode == 0 and debug.returncode == 0, debug.stderr
+    assert quiet.stderr == ""
+    assert " INFO    sqapi.core.processor: logged DONE" in debug.stderr  # DEBUG won over ERROR
+
+
+def test_check_takes_json_logs_after_the_command_name(workdir: Path) -> None:
+    result = sqapi("check", "--json-logs", "--log-level", "DEBUG", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records and all(r["level"] in ("DEBUG", "INFO", "WARNING") for r in records)
+
+
+@pytest.mark.parametrize("command", [["status", "some-uuid"], ["messages"]])
+def test_status_and_messages_without_a_database_say_so_and_create_nothing(workdir: Path, command) -> None:
+    result = sqapi(*command, cwd=workdir, env={"SQAPI_DB": str(workdir / "db" / "none.db")})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: no status database at {workdir / 'db' / 'none.db'}: run sqapi process/run first")
+    assert not (workdir / "db").exists()
+
+
+def test_status_and_messages_on_a_database_without_status_tables_change_nothing(workdir: Path) -> None:
+    import sqlite3
+
+    path = workdir / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE unrelated (x INTEGER)")
+    conn.close()
+    before = sorted(p.name for p in workdir.iterdir()), path.read_bytes()
+    result = sqapi("messages", cwd=workdir, env={"SQAPI_DB": str(path)})
+    assert result.returncode == 1
+    assert f"no status database at {path}: run sqapi process/run first" in result.stderr
+    assert (sorted(p.name for p in workdir.iterdir()), path.read_bytes()) == before
+
+
+def test_plugins_json_lists_each_endpoint_with_its_methods(workdir: Path, write_plugin) -> None:
+    write_plugin("hooks", "def execute(config, database, message, metadata, data):\n    pass\n", files={
+        "blueprints/hooks.py": "from flask import Blueprint\n"
+                               "bp = Blueprint('hooks', __name__, url_prefix='/hooks')\n"
+                               "@bp.route('/<name>', methods=['GET', 'POST'])\n"
+                               "def hook(name):\n    return name\n"
+                               "@bp.route('/')\n"
+                               "def index():\n    return ''\n"})
+    (workdir / "cfg.yml").write_text("active_plugins: [hooks]\n")
+    result = sqapi("-c", "cfg.yml", "plugins", "--json", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["hooks"]["endpoints"] == ["GET /hooks/", "GET,POST /hooks/<name>"]
+
+
+def test_process_of_a_file_outside_base_dir_says_how_to_fix_it(workdir: Path) -> None:
+    (workdir / "elsewhere.txt").write_text("x")
+    result = sqapi("process", "elsewhere.txt", cwd=workdir)
+    assert result.returncode == 1
+    assert result.stdout.strip().endswith(f"data_location '{workdir / 'elsewhere.txt'}' is outside base_dir "
+                                          "(set data_store.base_dir or $SQAPI_DATA_DIR to a folder that holds it)")
