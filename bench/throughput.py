@@ -10,11 +10,13 @@ exchange that routes each to two queues: ``sqapi`` and ``plain``.  Each message 
 
 * the plain consumer (a subprocess: pika, prefetch 100, reads the file, acks each, no database)
   drains ``plain``;
-* ``sqapi loader`` (a subprocess, one no-op plugin, status recorded in the configured database:
-  SQLite here unless --database-url says PostgreSQL) drains ``sqapi``.
+* ``sqapi loader`` (a subprocess with sqapi's defaults -- ``processes: auto``, one loader process
+  per CPU up to 4 -- one no-op plugin, status recorded in PostgreSQL: a fresh schema at
+  --database-url, or SQLite with --sqlite) drains ``sqapi``.
 
 Each rate is (N - 1) / (last finished - first started), i.e. without process start-up.  The
 loader's peak RSS is the kernel's high-water mark (VmHWM) read just before it is stopped.
+``--processes 1`` measures one loader process alone.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import yaml
 
 HOST, PORT = os.environ.get("RABBITMQ_HOST", "127.0.0.1"), int(os.environ.get("RABBITMQ_PORT", "5672"))
 SQAPI = os.environ.get("SQAPI_BIN") or str(Path(sys.executable).with_name("sqapi"))  # another install to compare
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 NOOP_PLUGIN = "def execute(config, database, message, metadata, data):\n    return None\n"
 
 
@@ -162,9 +165,10 @@ def run_loader(root: Path, vhost: str, n: int, args: argparse.Namespace) -> dict
         "database": {"type": "sqlite", "path": str(root / "status.db")},
         "active_plugins": ["noop"],
         "plugin_dirs": [str(root / "plugins")],
-        "processing": {"workers": args.workers, "plugin_timeout": args.plugin_timeout, "processes": args.processes},
+        "processing": {"workers": args.workers, "plugin_timeout": args.plugin_timeout,
+                       **({"processes": args.processes} if args.processes else {})},
     }
-    if args.database_url:
+    if not args.sqlite:
         config["database"] = {"type": "postgres", "url": args.database_url, "schema": args.schema}
         if args.synchronous_commit:
             config["database"]["synchronous_commit"] = args.synchronous_commit
@@ -189,8 +193,11 @@ def run_loader(root: Path, vhost: str, n: int, args: argparse.Namespace) -> dict
                 raise SystemExit(f"timed out with {done}/{n} DONE")
             time.sleep(0.2)
         everyone = family([p.pid for p in processes])
-        peak = max([peak_sampled] + [rss_kib(pid, "VmHWM") for pid in everyone])
+        peaks = [rss_kib(pid, "VmHWM") for pid in everyone]
+        peak = max([peak_sampled] + peaks)
         cpu = sum(cpu_seconds(pid) for pid in everyone)
+        # a supervising `sqapi loader` has its loader processes as children; a plain one is its own
+        ran = len(everyone) - len(processes) if len(everyone) > len(processes) else len(processes)
         for p in processes:
             p.send_signal(signal.SIGTERM)
         exit_code = max(p.wait(60) for p in processes)
@@ -200,11 +207,12 @@ def run_loader(root: Path, vhost: str, n: int, args: argparse.Namespace) -> dict
                 p.kill()
         log.close()
     first, last = times(root, args)
-    return {"first": first, "last": last, "peak_rss_kib": peak, "exit_code": exit_code, "cpu": cpu}
+    return {"first": first, "last": last, "peak_rss_kib": peak, "total_rss_kib": sum(peaks), "exit_code": exit_code,
+            "cpu": cpu, "processes": ran}
 
 
 def count_done(root: Path, args: argparse.Namespace) -> int:
-    if args.database_url:
+    if not args.sqlite:
         import psycopg2  # only when benchmarking PostgreSQL
 
         with psycopg2.connect(args.database_url) as conn, conn.cursor() as cur:
@@ -225,7 +233,7 @@ def count_done(root: Path, args: argparse.Namespace) -> int:
 
 def times(root: Path, args: argparse.Namespace) -> tuple[float, float]:
     query = "SELECT MIN(created_at), MAX(updated_at) FROM messages"
-    if args.database_url:
+    if not args.sqlite:
         import psycopg2
 
         with psycopg2.connect(args.database_url) as conn, conn.cursor() as cur:
@@ -242,14 +250,18 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=5000, help="messages (default 5000)")
     parser.add_argument("--workers", type=int, default=4, help="sqapi processing.workers (default 4)")
     parser.add_argument("--loaders", type=int, default=1, help="sqapi loader commands started (default 1)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="processing.processes: loader processes each sqapi loader runs (default 1)")
+    parser.add_argument("--processes", type=int,
+                        help="processing.processes: loader processes each sqapi loader runs (default: sqapi's "
+                             "own, auto: one per CPU, up to 4)")
     parser.add_argument("--plugin-timeout", type=float, default=300,
                         help="processing.plugin_timeout; 0 runs plugins in the worker thread (default 300)")
     parser.add_argument("--prefetch", type=int, help="sqapi msg_broker.prefetch (default: sqapi's)")
     parser.add_argument("--batch-size", type=int, help="sqapi msg_broker.batch_size (default: sqapi's)")
     parser.add_argument("--log-level", default="WARNING", help="the loader's --log-level (default WARNING)")
-    parser.add_argument("--database-url", help="benchmark PostgreSQL (database.type: postgres) instead of SQLite")
+    parser.add_argument("--database-url", default=os.environ.get("SQAPI_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL),
+                        help=f"PostgreSQL for the status (a fresh schema, dropped at the end; default "
+                             f"$SQAPI_BENCH_DATABASE_URL or {DEFAULT_DATABASE_URL})")
+    parser.add_argument("--sqlite", action="store_true", help="record status in SQLite instead of PostgreSQL")
     parser.add_argument("--synchronous-commit", choices=["on", "off"],
                         help="PostgreSQL: database.synchronous_commit (default: the server's)")
     parser.add_argument("--timeout", type=float, default=900)
@@ -290,19 +302,21 @@ def main() -> None:
 
         loader = run_loader(root, vhost, n, args)
         sqapi_rate = (n - 1) / (loader["last"] - loader["first"])
-        database = "PostgreSQL" if args.database_url else "SQLite"
-        print(f"sqapi loader x{args.loaders}       {sqapi_rate:8.0f} msgs/s  ({args.processes} process"
-              f"{'es' if args.processes > 1 else ''}, {args.workers} workers, "
+        database = "SQLite" if args.sqlite else "PostgreSQL"
+        ran = loader["processes"]
+        print(f"sqapi loader x{args.loaders}       {sqapi_rate:8.0f} msgs/s  ({ran} loader process"
+              f"{'es' if ran > 1 else ''}{'' if args.processes else ' (processes: auto)'}, {args.workers} workers, "
               f"prefetch {args.prefetch or 'default'}, batch size {args.batch_size or 'default'}, "
               f"status in {database}, 1 no-op plugin; "
               f"{loader['cpu'] * 1e6 / n:.0f} us CPU/msg incl. start-up)")
         print(f"ratio sqapi / plain   {sqapi_rate / plain_rate:8.2f}")
         print(f"loader peak RSS       {loader['peak_rss_kib'] / 1024:8.1f} MiB  (VmHWM of the largest loader process, "
-              f"backlog of {n})")
+              f"backlog of {n}; {loader['total_rss_kib'] / 1024:.1f} MiB for all of them and any "
+              f"supervisor together)")
         print(f"loader exit on SIGTERM: {loader['exit_code']}; left in queue 'sqapi': {depth(vhost, 'sqapi')}")
     finally:
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
-        if args.database_url:
+        if not args.sqlite:
             import psycopg2
 
             with psycopg2.connect(args.database_url) as conn, conn.cursor() as cur:

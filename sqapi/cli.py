@@ -207,8 +207,8 @@ def run(ctx: click.Context, config_path: str | None, host: str | None, port: int
     The API (dashboard, /health, /messages, /metrics, plugin endpoints) listens on api.host:api.port.
     """
     config = load(ctx, config_path)
-    processes = processes_of(config)
-    if processes > 1:
+    processes = (config.get("processing") or {}).get("processes")
+    if isinstance(processes, int) and processes > 1:
         log.warning("processing.processes is %d, but sqapi run uses one process: run `sqapi loader` (several "
                     "processes) and `sqapi api` separately for that", processes)
     app = build_or_exit(config, processing=True)
@@ -216,14 +216,11 @@ def run(ctx: click.Context, config_path: str | None, host: str | None, port: int
     serve(app, with_api=True, host=host, port=port)
 
 
-def processes_of(config: Config) -> int:
-    return int((config.get("processing") or {}).get("processes") or 1)
-
-
 @main.command()
 @config_option
 @click.option("--processes", type=click.IntRange(1, 256), default=None,
-              help="Loader processes to run (each uses about one core). Default: processing.processes (1).")
+              help="Loader processes to run (each uses about one core). Default: processing.processes, "
+                   "whose default 'auto' is one per CPU (up to 4) on RabbitMQ with PostgreSQL, else 1.")
 @click.pass_context
 def loader(ctx: click.Context, config_path: str | None, processes: int | None) -> None:
     """Run only the loader (the listener and the plugins), no API.
@@ -232,8 +229,12 @@ def loader(ctx: click.Context, config_path: str | None, processes: int | None) -
     SIGTERM on (each finishes its in-flight messages, then all exit 0).
     """
     config = load(ctx, config_path)
-    count = processes or processes_of(config)
+    count = processes or supervisor.loader_processes(config)
     if count > 1 and not supervisor.is_loader_process():
+        chosen = (config.get("processing") or {}).get("processes", "auto")
+        log.info("running %d loader processes (%s)", count, "--processes" if processes else
+                 f"processing.processes: auto, {supervisor.usable_cpus()} CPUs" if chosen in (None, "auto") else
+                 "processing.processes")
         build_or_exit(config, processing=True).close()  # fail once, here, on a bad set-up
         sys.exit(supervisor.Supervisor(count).run())
     app = build_or_exit(config, processing=True)

@@ -1,5 +1,8 @@
 """Several loader processes under one ``sqapi loader`` (``processing.processes`` / ``--processes``).
 
+``processes: auto`` (the default) means one per CPU, up to four, on RabbitMQ with PostgreSQL,
+and 1 otherwise (see :func:`loader_processes`).
+
 One Python process runs its plugins and its share of pika and psycopg2 under one GIL, so a
 loader uses about one core however many worker threads it has.  With ``processes: N`` the
 ``sqapi loader`` command becomes a small supervisor that starts N loader processes -- each the
@@ -40,6 +43,39 @@ PARENT_ENV = "SQAPI_SUPERVISOR_PID"
 QUICK_EXIT = 10.0      # seconds: a loader process that exits sooner than this counts as failing to start
 MAX_QUICK_EXITS = 5    # in a row: then the supervisor gives up
 POLL = 0.2
+
+
+#: ``processing.processes: auto`` runs at most this many: each process opens its own broker connection and
+#: database pool, and a larger machine is better served by a number the operator chose
+AUTO_MAX = 4
+#: the built-in connector types with which several loader processes share the work well: a RabbitMQ queue
+#: (competing consumers) and PostgreSQL (advisory locks); SQLite takes one writer at a time
+_SHARED_BROKERS = ("rabbitmq",)
+_SHARED_DATABASES = ("postgres", "postgresql")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, so ``taskset`` and cgroup cpusets count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def loader_processes(config: Any) -> int:
+    """How many loader processes ``sqapi loader`` runs: ``processing.processes`` as a number.
+
+    ``auto`` (the default) is one per usable CPU, at most :data:`AUTO_MAX`, when the listener is
+    RabbitMQ and the status database PostgreSQL -- the set-up where processes share a queue
+    well -- and 1 otherwise (SQLite, the spool folder, a connector of your own)."""
+    value = (config.get("processing") or {}).get("processes", "auto")
+    if value is None or value == "auto":
+        broker = str((config.get("msg_broker") or {}).get("type") or "")
+        database = str((config.get("database") or {}).get("type") or "")
+        if broker in _SHARED_BROKERS and database in _SHARED_DATABASES:
+            return min(AUTO_MAX, usable_cpus())
+        return 1
+    return int(value)
 
 
 def is_loader_process() -> bool:

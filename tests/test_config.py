@@ -91,6 +91,8 @@ def test_an_unknown_connector_type_lists_the_types_available_and_suggests_one(wr
 @pytest.mark.parametrize(("content", "key"), [
     ({"msg_broker": {"retry": {"max_attempts": "five"}}}, "msg_broker.retry.max_attempts"),
     ({"processing": {"workers": 0}}, "processing.workers"),
+    ({"processing": {"processes": "many"}}, "processing.processes"),
+    ({"processing": {"processes": 0}}, "processing.processes"),
     ({"custom": ["not", "a", "mapping"]}, "custom"),
     ({"active_plugins": "sizes"}, "active_plugins"),
     ({"msg_broker": {"parser": {"type": "xml"}}}, "msg_broker.parser.type"),

@@ -136,3 +136,46 @@ def test_a_loader_process_whose_supervisor_died_before_it_started_watching_stops
     monkeypatch.setenv(supervisor.PARENT_ENV, str(os.getppid() + 1_000_000))  # not our parent: it is gone
     supervisor.watch_parent(stopped.set, interval=0.05)
     assert stopped.wait(5)
+
+
+# -- how many: processing.processes ----------------------------------------------------------------------------
+SHARED = {"msg_broker": {"type": "rabbitmq"}, "database": {"type": "postgres"}}
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 2), (3, 3), (16, supervisor.AUTO_MAX)])
+def test_auto_runs_one_process_per_cpu_up_to_the_cap_on_rabbitmq_with_postgres(
+        monkeypatch: pytest.MonkeyPatch, cpus: int, expected: int) -> None:
+    monkeypatch.setattr(supervisor, "usable_cpus", lambda: cpus)
+    assert supervisor.loader_processes(SHARED) == expected
+    assert supervisor.loader_processes({**SHARED, "processing": {"processes": "auto"}}) == expected
+
+
+@pytest.mark.parametrize("config", [
+    {"msg_broker": {"type": "rabbitmq"}, "database": {"type": "sqlite"}},      # one writer at a time
+    {"msg_broker": {"type": "directory"}, "database": {"type": "postgres"}},   # the spool folder
+    {"msg_broker": {"type": "mine.listener:Listener"}, "database": {"type": "postgres"}},
+    {},
+])
+def test_auto_runs_one_process_where_processes_would_not_share_the_work(
+        monkeypatch: pytest.MonkeyPatch, config: dict[str, object]) -> None:
+    monkeypatch.setattr(supervisor, "usable_cpus", lambda: 8)
+    assert supervisor.loader_processes(config) == 1
+
+
+def test_a_number_of_processes_is_taken_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "usable_cpus", lambda: 8)
+    assert supervisor.loader_processes({**SHARED, "processing": {"processes": 1}}) == 1
+    assert supervisor.loader_processes({"processing": {"processes": 6}}) == 6
+
+
+def test_usable_cpus_follows_the_affinity_mask_as_taskset_sets_it() -> None:
+    import shutil
+    import subprocess
+
+    assert supervisor.usable_cpus() == len(os.sched_getaffinity(0))
+    taskset = shutil.which("taskset")
+    assert taskset, "taskset (util-linux) is needed for this test: apt-get install util-linux"
+    pinned = subprocess.run([taskset, "-c", "0", sys.executable, "-c",
+                             "from sqapi.supervisor import usable_cpus; print(usable_cpus())"],
+                            check=True, capture_output=True, text=True).stdout
+    assert pinned.strip() == "1"

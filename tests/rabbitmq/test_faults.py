@@ -18,6 +18,7 @@ import psycopg2.extras
 import pytest
 import yaml
 
+from sqapi import supervisor
 from sqapi.app import Sqapi
 from tests.rabbitmq.conftest import (
     Loaders,
@@ -67,7 +68,9 @@ def consuming(loader: Any) -> bool:
 def config(loader_config: Callable[..., Path], workdir: Path, pg_section: dict[str, Any]) -> Callable[..., Path]:
     def write(**broker: Any) -> Path:
         path = loader_config(**broker)
-        text = path.read_text() + yaml.safe_dump({"active_plugins": ["record"], "database": pg_section})
+        # one loader process per command unless a test asks for more (processes: auto would run one per CPU)
+        text = path.read_text() + yaml.safe_dump({"active_plugins": ["record"], "database": pg_section,
+                                                  "processing": {"processes": 1}})
         path.write_text(text)
         return path
 
@@ -147,6 +150,31 @@ def test_one_loader_command_with_two_processes_shares_the_work_survives_a_killed
     alive = [pid for pid in {r["pid"] for r in status_db("SELECT DISTINCT pid FROM record_runs")}
              if os.path.exists(f"/proc/{pid}") and "sqapi" in open(f"/proc/{pid}/cmdline").read()]
     assert alive == [], "loader processes outlived their supervisor"
+
+
+@pytest.mark.slow
+def test_by_default_one_loader_command_runs_one_process_per_cpu_on_rabbitmq_with_postgres(
+        vhost: str, broker: dict[str, Any], loaders: Loaders, config: Callable[..., Path],
+        status_db: Callable[[str], list[dict[str, Any]]]) -> None:
+    declare(vhost, broker)
+    path = config(prefetch=10)
+    settings = yaml.safe_load(path.read_text())
+    del settings["processing"]  # the default: processes: auto
+    path.write_text(yaml.safe_dump(settings))
+    expected = min(supervisor.AUTO_MAX, len(os.sched_getaffinity(0)))
+    boss = loaders.start(path)
+    wait_until(lambda: boss.output().count("consuming from queue") == expected,
+               what=f"{expected} loader process(es) consuming")
+    if expected > 1:
+        assert f"running {expected} loader processes (processing.processes: auto, " in boss.output()
+    publish(vhost, [message(n) for n in range(100)])
+    done = "SELECT COUNT(*) AS n FROM messages WHERE status = 'DONE'"
+    wait_until(lambda: count(status_db, done) == 100, timeout=120, what="100 DONE")
+    boss.signal(signal.SIGTERM)
+    assert boss.wait() == 0
+    assert boss.output().count("consuming from queue") == expected, "no process was started beyond the count"
+    runs = status_db("SELECT uuid, COUNT(*) AS n FROM record_runs GROUP BY uuid")
+    assert len(runs) == 100 and all(r["n"] == 1 for r in runs)
 
 
 @pytest.mark.slow
