@@ -281,3 +281,86 @@ def test_a_batch_naming_one_row_twice_is_written_row_by_row_in_order(database: D
                              {"uuid": "twice", "plugin": "p", "status": "DONE"}])
     (plugin,) = database.get_plugin_rows("twice")
     assert (plugin["status"], plugin["attempts"]) == ("DONE", 2)
+
+
+def test_a_loader_starting_next_to_a_busy_one_neither_waits_for_nor_deadlocks_with_its_writes(
+        database: Database, pg_section: dict[str, Any], pg_schema: str) -> None:
+    """Found by bench/throughput.py: a second loader process ran init.sql while the first was writing; its CREATE
+    INDEX IF NOT EXISTS locked `messages`, then waited for `message_plugins`, where the writer held a lock and
+    next wanted `messages`: deadlock.  An index that exists is now skipped without locking its table."""
+    busy = pg_connect()  # the first loader, mid-transaction: plugin rows written, statuses next
+    try:
+        with busy.cursor() as cursor:
+            cursor.execute(f"SET search_path = {pg_schema}")
+            cursor.execute("INSERT INTO messages (uuid, status) VALUES ('m-1', 'QUERYING')")
+            busy.commit()
+            cursor.execute("INSERT INTO message_plugins (uuid, plugin, status) VALUES ('m-1', 'p', 'DONE')")
+        starting = Database(dict(pg_section))
+        finished = threading.Event()
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                starting.initialize_message_table()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                finished.set()
+
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        try:
+            assert finished.wait(10), "initialize_message_table waited for another loader's open transaction"
+            assert not errors, errors
+            with busy.cursor() as cursor:  # the busy loader goes on as if nothing happened
+                cursor.execute("UPDATE messages SET status = 'DONE' WHERE uuid = 'm-1'")
+            busy.commit()
+        finally:
+            busy.rollback()  # frees the starting loader if it is stuck, so the test ends
+            thread.join(30)
+            starting.close()
+    finally:
+        busy.close()
+    assert database.get_message("m-1")["status"] == "DONE"  # type: ignore[index]
+
+
+def test_a_script_still_creates_an_index_that_is_missing(database: Database, tmp_path: Path) -> None:
+    database.execute_query("DROP INDEX messages_updated_at")
+    database.initialize_message_table()
+    assert database.execute_query("SELECT to_regclass('messages_updated_at') IS NOT NULL AS found")[0]["found"]
+    script = tmp_path / "init.sql"
+    script.write_text('CREATE TABLE IF NOT EXISTS t (x int);\nCREATE UNIQUE INDEX IF NOT EXISTS "T x" ON t (x);\n'
+                      'CREATE UNIQUE INDEX IF NOT EXISTS "T x" ON t (x);\n')
+    database.execute_script(str(script))
+    assert database.execute_query("""SELECT to_regclass('"T x"') IS NOT NULL AS found""")[0]["found"]
+
+
+def test_a_deadlock_is_a_connector_error_saying_so_not_an_unavailable_server(
+        database: Database, pg_section: dict[str, Any]) -> None:
+    database.execute_query("INSERT INTO messages (uuid, status) VALUES ('a', 'DONE'), ('b', 'DONE')")
+    other = Database(dict(pg_section))
+    first_locked, errors = threading.Event(), []
+
+    def lock(db: Database, mine: str, theirs: str, ready: threading.Event | None) -> None:
+        try:
+            with db.transaction():
+                db.execute_query("UPDATE messages SET info = 'x' WHERE uuid = %(u)s", u=mine)
+                if ready is not None:
+                    ready.set()
+                else:
+                    first_locked.wait(10)
+                time.sleep(0.2)
+                db.execute_query("UPDATE messages SET info = 'y' WHERE uuid = %(u)s", u=theirs)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lock, args=(database, "a", "b", first_locked)),
+               threading.Thread(target=lock, args=(other, "b", "a", None))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    other.close()
+    assert len(errors) == 1 and isinstance(errors[0], ConnectorError)
+    assert "deadlock detected" in str(errors[0]) and "aborted the transaction" in str(errors[0])
+    assert "unavailable" not in str(errors[0])

@@ -66,6 +66,12 @@ log = logging.getLogger(__name__)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PARAMETER = re.compile(r"%\(\w+\)s|%%")
 _NAMED = re.compile(r"%\((\w+)\)s")
+#: ``CREATE [UNIQUE] INDEX IF NOT EXISTS name ON ...``: PostgreSQL locks the table against writes (SHARE) before it
+#: looks for the index, so a loader starting next to busy ones would wait behind their writes -- and, holding the
+#: lock of an earlier statement of its script, deadlock with them.  execute_script skips it when the index is there.
+_CREATE_INDEX_IF_NOT_EXISTS = re.compile(
+    r'\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?IF\s+NOT\s+EXISTS\s+("(?:[^"]|"")+"|[A-Za-z_][\w$]*)\s+ON\b',
+    re.IGNORECASE)
 #: advisory lock namespaces (the two-int key space): schema set-up, and one lock per message uuid
 _LOCK_INIT, _LOCK_UUID = 0x5A9A, 0x5A9B
 
@@ -574,6 +580,10 @@ class Database(StatusStore):
             # two processes creating the same tables at once would collide in the catalog
             self._run("SELECT pg_advisory_xact_lock(%(ns)s, 0)", {"ns": _LOCK_INIT}, "schema lock")
             for number, statement in enumerate(split_statements(text), start=1):
+                index = _CREATE_INDEX_IF_NOT_EXISTS.match(statement)
+                if index and self._run("SELECT to_regclass(%(name)s) IS NOT NULL AS found", {"name": index.group(1)},
+                                       f"script {path}, statement {number}")[0]["found"]:  # type: ignore[index]
+                    continue  # there already: do not lock its table (see _CREATE_INDEX_IF_NOT_EXISTS)
                 names = set(_NAMED.findall(statement))
                 params = {k: v for k, v in kwargs.items() if k in names}
                 result = self._run(statement, params, f"script {path}, statement {number}")
@@ -615,6 +625,8 @@ class Database(StatusStore):
 
     def _translate(self, exc: psycopg2.Error, where: str, statement: str = "") -> SqapiError:
         reason = self._scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if isinstance(exc, psycopg2.errors.TransactionRollbackError):  # deadlock, serialization: try again later
+            return ConnectorError(f"PostgreSQL at {self.describe()} aborted the transaction ({where}): {reason}")
         if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError) \
                 and not isinstance(exc, psycopg2.errors.QueryCanceled):
             return ConnectorError(f"PostgreSQL at {self.describe()} unavailable ({where}): {reason}")
