@@ -153,6 +153,17 @@ live_pid() {
     echo "$pid"
 }
 
+# pid of a daemon this very script started (its parent is us), whatever its command line says yet:
+# one that has not exec'd its program still shows this script's command line, so live_pid misses it.
+own_child() {
+    local pidfile="$RUN_DIR/$1.pid" pid
+    [[ -f $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [[ $(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ') == "$$" ]] || return 1
+    echo "$pid"
+}
+
 # All swift servers we started are alive (memcached may be someone else's).
 ours_alive() {
     local name
@@ -176,7 +187,7 @@ stop_all() {
     local name pid pgid i
     local -A pids=() groups=()
     for name in proxy object container account memcached; do
-        if pid=$(live_pid "$name"); then
+        if pid=$(live_pid "$name") || pid=$(own_child "$name"); then
             pgid=$(ps -o pgid= -p "$pid" | tr -d ' ' || true)
             pids[$name]=$pid
             if [[ $pgid == "$pid" ]]; then groups[$name]="-$pid"; else groups[$name]=$pid; fi
