@@ -224,8 +224,10 @@ def validate_structure(config: Mapping[str, Any], user: Mapping[str, Any], sourc
         check_number(retry, name, "msg_broker.retry", fail, minimum=0)
     processing = config.get("processing") or {}
     check_number(processing, "workers", "processing", fail, integer=True, minimum=1)
-    if processing.get("processes") != "auto":
-        check_number(processing, "processes", "processing", fail, integer=True, minimum=1)
+    processes = processing.get("processes", "auto")
+    if processes != "auto" and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+        fail("processing.processes", f"must be a whole number of at least 1 or auto, not {processes!r}",
+             "set processing.processes to auto (one per CPU where that helps) or a number")
     check_number(processing, "plugin_timeout", "processing", fail, minimum=0, optional=True)
     check_number(processing, "max_result_bytes", "processing", fail, integer=True, minimum=0)
     check_api(config.get("api") or {}, fail)

@@ -69,7 +69,7 @@ def loader_processes(config: Any) -> int:
     RabbitMQ and the status database PostgreSQL -- the set-up where processes share a queue
     well -- and 1 otherwise (SQLite, the spool folder, a connector of your own)."""
     value = (config.get("processing") or {}).get("processes", "auto")
-    if value is None or value == "auto":
+    if value == "auto":
         broker = str((config.get("msg_broker") or {}).get("type") or "")
         database = str((config.get("database") or {}).get("type") or "")
         if broker in _SHARED_BROKERS and database in _SHARED_DATABASES:

@@ -269,7 +269,7 @@ def test_a_status_database_failure_redelivers_instead_of_acknowledging(counting_
 
     app.database.record_attempt = broken
     outcome = app.process(message("u1", location), Delivery("d"))
-    assert outcome.action is Action.RETRY and "status database unavailable" in outcome.reason
+    assert outcome.action is Action.RETRY and outcome.reason == "status database: database is gone"
 
 
 def test_remote_data_is_streamed_to_a_temp_file_that_is_removed_afterwards(make_app, write_plugin, workdir) -> None:

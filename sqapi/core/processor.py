@@ -260,9 +260,9 @@ class Processor:
         return outcomes[0]
 
     def _failed_outright(self, exc: Exception, delivery: Delivery) -> Outcome:
-        if isinstance(exc, ConnectorError):  # the status database is down: nothing recorded, so redeliver
-            log.error("status database unavailable, message %s will be redelivered: %s", delivery.id, exc)
-            return Outcome(None, RETRY, Action.RETRY, reason=f"status database unavailable: {exc}",
+        if isinstance(exc, ConnectorError):  # the status database is down (or aborted): nothing recorded, so redeliver
+            log.error("status database failed, message %s will be redelivered: %s", delivery.id, exc)
+            return Outcome(None, RETRY, Action.RETRY, reason=f"status database: {exc}",
                            delay=self.policy.delay_for(delivery.attempt), attempt=delivery.attempt)
         # a bug of ours: keep the delivery (redelivered later), keep consuming -- up to its attempts
         log.error("internal error processing delivery %s", delivery.id, exc_info=exc)

@@ -340,10 +340,13 @@ def test_a_deadlock_is_a_connector_error_saying_so_not_an_unavailable_server(
     database.execute_query("INSERT INTO messages (uuid, status) VALUES ('a', 'DONE'), ('b', 'DONE')")
     other = Database(dict(pg_section))
     first_locked, errors = threading.Event(), []
+    pids: dict[str, tuple[int, int]] = {}
 
     def lock(db: Database, mine: str, theirs: str, ready: threading.Event | None) -> None:
+        before = 0
         try:
             with db.transaction():
+                before = backend_pid(db)
                 db.execute_query("UPDATE messages SET info = 'x' WHERE uuid = %(u)s", u=mine)
                 if ready is not None:
                     ready.set()
@@ -353,6 +356,8 @@ def test_a_deadlock_is_a_connector_error_saying_so_not_an_unavailable_server(
                 db.execute_query("UPDATE messages SET info = 'y' WHERE uuid = %(u)s", u=theirs)
         except BaseException as exc:
             errors.append(exc)
+            with db.transaction():  # the same connection goes on: a deadlock only aborted the transaction
+                pids[mine] = (before, backend_pid(db))
 
     threads = [threading.Thread(target=lock, args=(database, "a", "b", first_locked)),
                threading.Thread(target=lock, args=(other, "b", "a", None))]
@@ -364,3 +369,5 @@ def test_a_deadlock_is_a_connector_error_saying_so_not_an_unavailable_server(
     assert len(errors) == 1 and isinstance(errors[0], ConnectorError)
     assert "deadlock detected" in str(errors[0]) and "aborted the transaction" in str(errors[0])
     assert "unavailable" not in str(errors[0])
+    [(before, after)] = pids.values()
+    assert before == after, "the connection was dropped after a deadlock"

@@ -70,7 +70,8 @@ _NAMED = re.compile(r"%\((\w+)\)s")
 #: looks for the index, so a loader starting next to busy ones would wait behind their writes -- and, holding the
 #: lock of an earlier statement of its script, deadlock with them.  execute_script skips it when the index is there.
 _CREATE_INDEX_IF_NOT_EXISTS = re.compile(
-    r'\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?IF\s+NOT\s+EXISTS\s+("(?:[^"]|"")+"|[A-Za-z_][\w$]*)\s+ON\b',
+    r'\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?IF\s+NOT\s+EXISTS\s+("(?:[^"]|"")+"|[A-Za-z_][\w$]*)'
+    r'\s+ON\s+(?:ONLY\s+)?(?!\S*\.)',  # not on a table in another schema: to_regclass looks in ours
     re.IGNORECASE)
 #: advisory lock namespaces (the two-int key space): schema set-up, and one lock per message uuid
 _LOCK_INIT, _LOCK_UUID = 0x5A9A, 0x5A9B
@@ -620,6 +621,9 @@ class Database(StatusStore):
             raise QueryError(f"{where}: no value given for parameter %({exc.args[0]})s") from None
 
     def _mark(self, bound: _Bound, exc: psycopg2.Error) -> None:
+        """A connection that failed this way is not used again (a deadlock only aborted its transaction)."""
+        if isinstance(exc, psycopg2.errors.TransactionRollbackError) and not bound.conn.closed:
+            return
         if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError) or bound.conn.closed:
             bound.broken = True
 
