@@ -137,12 +137,19 @@ port_open() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-# pid of a process we started and that is still that process, or nothing.
-live_pid() {
-    local name=$1 pidfile="$RUN_DIR/$1.pid" pid
+# the pid recorded for NAME when we started it, or nothing.
+recorded_pid() {
+    local pidfile="$RUN_DIR/$1.pid" pid
     [[ -f $pidfile ]] || return 1
     pid=$(<"$pidfile")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
+    echo "$pid"
+}
+
+# pid of a process we started and that is still that process, or nothing.
+live_pid() {
+    local name=$1 pid
+    pid=$(recorded_pid "$name") || return 1
     [[ -r /proc/$pid/cmdline ]] || return 1
     # Guard against pid reuse: the command line names our state dir (swift servers) or port (memcached).
     if [[ $name == memcached ]]; then
@@ -156,10 +163,8 @@ live_pid() {
 # pid of a daemon this very script started (its parent is us), whatever its command line says yet:
 # one that has not exec'd its program still shows this script's command line, so live_pid misses it.
 own_child() {
-    local pidfile="$RUN_DIR/$1.pid" pid
-    [[ -f $pidfile ]] || return 1
-    pid=$(<"$pidfile")
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    local pid
+    pid=$(recorded_pid "$1") || return 1
     [[ $(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ') == "$$" ]] || return 1
     echo "$pid"
 }
@@ -347,7 +352,7 @@ start_server() {
 # The server started by start_server is still running (whatever its command line says yet).
 started_alive() {
     local pid
-    pid=$(<"$RUN_DIR/$1.pid") && kill -0 "$pid" 2>/dev/null
+    pid=$(recorded_pid "$1") && kill -0 "$pid" 2>/dev/null
 }
 
 print_info() {

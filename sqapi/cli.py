@@ -233,7 +233,7 @@ def loader(ctx: click.Context, config_path: str | None, processes: int | None) -
     if count > 1 and not supervisor.is_loader_process():
         chosen = (config.get("processing") or {}).get("processes", "auto")
         log.info("running %d loader processes (%s)", count, "--processes" if processes else
-                 f"processing.processes: auto, {supervisor.usable_cpus()} CPUs" if chosen in (None, "auto") else
+                 f"processing.processes: auto, {supervisor.usable_cpus()} CPUs" if chosen == "auto" else
                  "processing.processes")
         build_or_exit(config, processing=True).close()  # fail once, here, on a bad set-up
         sys.exit(supervisor.Supervisor(count).run())
