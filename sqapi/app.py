@@ -56,11 +56,17 @@ def validate(config: Config) -> None:
 
 
 def database_factory(config: Config) -> Callable[[dict[str, Any]], Any]:
-    """Builds Database objects of the configured type for any ``database`` section."""
-    module = resolve_connector(config, "database")
+    """Builds a Database for any ``database`` section: of the section's own ``type`` (a plugin's may name another
+    than the main one), checked by that type's ``validate_config``."""
+    main_type = str((config.get("database") or {}).get("type"))
 
     def make(section: dict[str, Any]) -> Any:
-        return module.Database(section)
+        kind = str(section.get("type") or main_type)
+        module = registry.resolve("database", kind, source=config.source)
+        validate = getattr(module, "validate_config", None)
+        if callable(validate):
+            validate(section)
+        return module.Database(dict(section, type=kind))
 
     return make
 
@@ -86,11 +92,11 @@ class Sqapi:
         Processing without it would record messages DONE that it never saw, and a redelivery
         would then skip them for good.
         """
-        failed = self.plugins.requested_failures()
+        failed = self.plugins.failures()
         if failed:
             reasons = "; ".join(f"{p.name}: {p.reason}" for p in failed)
-            raise PluginLoadError(f"requested plugin{'s' if len(failed) > 1 else ''} failed to load, so nothing "
-                                  f"is processed ({reasons}). Fix the plugin or remove it from active_plugins")
+            raise PluginLoadError(f"plugin{'s' if len(failed) > 1 else ''} failed to load, so nothing is processed "
+                                  f"({reasons}). Fix the plugin, or leave it out with active_plugins")
         if not self.plugins.order:
             log.warning("no active plugin: messages will be recorded DONE without any plugin running")
 

@@ -159,6 +159,7 @@ def api_server(app: Sqapi, listener: Any = None, host: str | None = None, port: 
 def serve(app: Sqapi, with_api: bool = False, host: str | None = None, port: int | None = None) -> None:
     """Run the listener (and the API in a thread) until SIGTERM/SIGINT, then stop gracefully (exit 0)."""
     listener = app.create_listener()
+    app.processor.runner.prestart()  # plugin workers import their plugins now, not on the first message
     if supervisor.is_loader_process():  # one of several under `sqapi loader --processes N`
         supervisor.watch_parent(listener.stop)
     try:
@@ -515,6 +516,16 @@ def plugins(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
                 line += f"  endpoints: {', '.join(row['endpoints'])}"
             if row["reason"]:
                 line += f"  -- {row['reason']}"
+            origin = "built-in" if row["builtin"] else (row["directory"] or "installed package")
+            line += f"\n{'':<20} from {origin}"
+            if row["state"] == "active":
+                line += f"; {row['isolation']} isolation" + ("" if row["isolation"] == "thread" else
+                                                             f", up to {row['concurrency'] or 'processing.workers'} "
+                                                             "worker process(es)")
+                if row["database"]:
+                    line += f"; database: {row['database']}"
+            for other in row["shadowed"]:
+                line += f"\n{'':<20} not used (same name): {other}"
             for problem in row["blueprint_errors"]:
                 line += f"\n{'':<20} blueprint failed: {problem}"
             click.echo(line)

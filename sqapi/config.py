@@ -270,6 +270,24 @@ def check_number(section: Mapping[str, Any], name: str, topic: str, fail: Any, *
         fail(f"{topic}.{name}", f"must be at least {minimum}, not {value}", f"raise {topic}.{name}")
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+
+
+def parse_size(value: Any, key: str) -> int | None:
+    """Bytes from a number or a text like ``512MB``, ``1.5 GiB`` or ``800M`` (powers of 1024); ``None`` stays None.
+
+    Raises ``ValueError`` naming ``key`` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"{key} must be a size like 512MB or 2GiB (or a number of bytes), not {value!r}")
+    return int(float(match.group(1)) * 1024 ** _SIZE_UNITS[match.group(2).upper()])
+
+
 def require_keys(section: Mapping[str, Any], topic: str, keys: Iterable[tuple[str, type | tuple[type, ...]]],
                  source: str = EMBEDDED) -> None:
     """Raise :class:`ConfigError` for the first key of ``keys`` missing from ``section`` or of the wrong type."""

@@ -70,3 +70,30 @@ class PluginNotConfigured(SqapiError):
 
 class PluginTimeout(SqapiError):
     """A plugin ran past its ``plugin.timeout``."""
+
+
+class PluginFailed(SqapiError):
+    """A plugin call that failed in a worker process: its reason, whether to retry, and the worker's traceback.
+
+    The plugin's own exception stays in the worker; this carries what the processor records.
+    A worker that crashed or was killed (timeout, memory) is reported the same way.
+    """
+
+    def __init__(self, reason: str, retryable: bool, details: str = "") -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+        self.details = details
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error as recorded in a status row: sqapi's own errors by their words, others with their type."""
+    if isinstance(exc, PluginTimeout | ConnectorError | PermanentError | NotFound | PluginFailed):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Permanent errors are not retried; missing objects, outages, timeouts and crashes are."""
+    if isinstance(exc, PluginFailed):
+        return exc.retryable
+    return not isinstance(exc, PermanentError)

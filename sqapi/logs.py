@@ -71,3 +71,14 @@ def configure(level: str = "INFO", json_logs: bool = False) -> SecretFilter:
     root.addHandler(handler)
     root.setLevel(level.upper())
     return secret_filter
+
+
+def current_settings() -> tuple[str, bool, list[str]]:
+    """This process's logging as :func:`configure` set it: level, JSON or not, secrets masked.
+
+    Plugin worker processes log the same way as the loader that starts them."""
+    root = logging.getLogger()
+    level = logging.getLevelName(root.level) if root.level else "WARNING"
+    json_logs = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    secrets = [s for h in root.handlers for f in h.filters if isinstance(f, SecretFilter) for s in f.secrets]
+    return str(level), json_logs, secrets

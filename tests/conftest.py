@@ -1,24 +1,28 @@
-"""Shared fixtures: an isolated sqapi on the embedded default (SQLite, spool folder, local files).
+"""Shared fixtures: an isolated sqapi on the embedded default (spool folder, local files, embedded PostgreSQL).
 
-Each test gets its own folder (data, spool, database, plugins) and an environment with none
-of the user's sqapi variables, so tests never see each other's state.
+Each test gets its own folder (data, spool, plugins), its own schema in one embedded PostgreSQL
+server shared by the whole session (a server per test would cost an initdb each), and an
+environment with none of the user's sqapi variables, so tests never see each other's state.
 """
 
 from __future__ import annotations
 
 import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 import yaml
 
 from sqapi.app import Sqapi, build
 from sqapi.config import Config, load_config
+from tests.services import pg_schema, pg_section, postgres_server  # noqa: F401 (fixtures, used by name)
 
 SQAPI_ENV = ("CFG_FILE", "PLUGIN", "SQAPI_PLUGIN_DIRS", "SQAPI_DATA_DIR", "SQAPI_SPOOL_DIR", "SQAPI_DB",
-             "SQAPI_API_TOKEN")
+             "SQAPI_API_TOKEN", "SQAPI_EMBEDDED_DIR", "SQAPI_DB_SCHEMA")
 
 
 @pytest.fixture(autouse=True)
@@ -27,15 +31,56 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the session's embedded PostgreSQL (started by the first test that connects)."""
+    return tmp_path_factory.mktemp("embedded-postgres")
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def status_schema(embedded_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """This test's schema in the embedded PostgreSQL ($SQAPI_DB_SCHEMA), dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    monkeypatch.setenv("SQAPI_EMBEDDED_DIR", str(embedded_dir))
+    monkeypatch.setenv("SQAPI_DB_SCHEMA", name)
+    yield name
+    from sqapi.connectors.db import _embedded
+
+    if (embedded_dir / "keeper.pid").exists():  # a test that never connected started no server
+        conn = psycopg2.connect(**_embedded.ensure_running(embedded_dir).connection())
+        conn.autocommit = True
+        with conn, conn.cursor() as cursor:
+            cursor.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        conn.close()
+
+
+@pytest.fixture
+def status_db(status_schema: str, embedded_dir: Path) -> Callable[[str], list[tuple[Any, ...]]]:
+    """Run one SQL statement in this test's schema of the embedded PostgreSQL; its rows."""
+    from sqapi.connectors.db import _embedded
+
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        conn = psycopg2.connect(**_embedded.ensure_running(embedded_dir).connection(),
+                                options=f"-c search_path={status_schema}")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql)
+                return cursor.fetchall() if cursor.description else []
+        finally:
+            conn.close()
+
+    return query
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status_schema: str) -> Path:
     """A fresh working directory with data/, plugins/ and the sqapi env pointing into it."""
     for name in ("data", "plugins"):
         (tmp_path / name).mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SQAPI_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SQAPI_SPOOL_DIR", str(tmp_path / "spool"))
-    monkeypatch.setenv("SQAPI_DB", str(tmp_path / "sqapi.db"))
     return tmp_path
 
 

@@ -27,9 +27,22 @@ def sqapi(*args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] |
 def samples(workdir: Path, monkeypatch) -> Path:
     """A copy of the bundled samples, run from a folder of its own on the embedded default."""
     shutil.copytree(ROOT / "samples", workdir / "samples")
-    for name in ("SQAPI_DATA_DIR", "SQAPI_DB", "SQAPI_SPOOL_DIR"):
+    for name in ("SQAPI_DATA_DIR", "SQAPI_SPOOL_DIR", "SQAPI_EMBEDDED_DIR", "SQAPI_DB_SCHEMA"):
         monkeypatch.delenv(name)
     return workdir
+
+
+def postgres_servers_of(folder: Path) -> list[str]:
+    """The PostgreSQL server processes whose data folder is under ``folder``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"postgres") and any(str(folder).encode() in arg for arg in cmdline):
+            found.append(proc.name)
+    return found
 
 
 def test_process_prints_every_sample_done_and_a_second_run_runs_no_plugin_again(samples: Path) -> None:
@@ -38,14 +51,17 @@ def test_process_prints_every_sample_done_and_a_second_run_runs_no_plugin_again(
     lines = first.stdout.splitlines()
     expected = len((samples / "samples" / "messages.jsonl").read_text().splitlines())
     assert len(lines) == expected and all(line.split()[1] == "DONE" for line in lines)
-    assert (samples / ".sqapi" / "sqapi.db").exists()
+    assert (samples / ".sqapi" / "postgres" / "data" / "PG_VERSION").exists()  # its own embedded PostgreSQL
+    assert postgres_servers_of(samples) == []  # stopped when the command ended
     second = sqapi("process", "samples/messages.jsonl", cwd=samples)
     assert second.returncode == 0
     assert all(line.endswith("DONE already done, no plugin run again") for line in second.stdout.splitlines())
     assert len(second.stdout.splitlines()) == expected
+    assert postgres_servers_of(samples) == []
 
 
-def test_process_gives_one_clear_line_per_bad_message_and_exits_1(workdir: Path, write_plugin, write_data) -> None:
+def test_process_gives_one_clear_line_per_bad_message_and_exits_1(workdir: Path, write_plugin, write_data,
+                                                                  status_db) -> None:
     write_plugin("keeper", "def execute(config, database, message, metadata, data):\n"
                            "    database.execute_query('INSERT INTO kept (uuid) VALUES (%(u)s)', u=message.uuid)\n",
                  init_sql="CREATE TABLE IF NOT EXISTS kept (uuid TEXT);")
@@ -74,9 +90,7 @@ def test_process_gives_one_clear_line_per_bad_message_and_exits_1(workdir: Path,
     assert {p["plugin"]: p["status"] for p in row["plugins"]} == {"keeper": "DONE", "raiser": "FAILED"}
     failed = sqapi("-c", "cfg.yml", "messages", "--status", "FAILED", cwd=workdir).stdout
     assert {line.split()[0] for line in failed.splitlines()} == {"no-location", "outside", "raises"}
-    import sqlite3
-    kept = sqlite3.connect(workdir / "sqapi.db").execute("SELECT uuid FROM kept").fetchall()
-    assert kept == [("raises",)]  # the other plugin's work is intact
+    assert status_db("SELECT uuid FROM kept") == [("raises",)]  # the other plugin's work is intact
 
 
 def test_process_builds_a_message_for_a_data_file_and_reads_stdin(workdir: Path, write_data) -> None:
@@ -108,7 +122,7 @@ def test_check_reports_each_system_and_fails_when_one_is_unreachable(workdir: Pa
     assert [line.split()[:2] for line in ok.stdout.splitlines()] == [
         ["ok", "config"], ["ok", "database"], ["ok", "msg_broker"], ["ok", "data_store"], ["ok", "meta_store"],
         ["ok", "plugins"]]
-    assert "sqlite at " in ok.stdout and "sqapi.db" in ok.stdout and "directory at " in ok.stdout
+    assert "postgres at the embedded PostgreSQL in " in ok.stdout and "directory at " in ok.stdout
     (workdir / "bad.yml").write_text("data_store:\n  type: disk\n  base_dir: /nonexistent/place\n")
     bad = sqapi("-c", "bad.yml", "check", cwd=workdir)
     assert bad.returncode == 1
@@ -125,11 +139,10 @@ def test_a_wrong_config_stops_with_one_line_naming_file_key_and_fix(workdir: Pat
 
 
 def test_status_of_an_unknown_uuid_exits_1(workdir: Path) -> None:
-    from sqapi.connectors.db.sqlite import Database
+    from sqapi.app import build
+    from sqapi.config import load_config
 
-    database = Database({"path": str(workdir / "sqapi.db")})
-    database.initialize_message_table()
-    database.close()
+    build(load_config()).close()  # the status tables, empty
     result = sqapi("status", "nope", cwd=workdir)
     assert result.returncode == 1 and "no such message" in result.stderr
 
@@ -202,25 +215,24 @@ def test_check_takes_json_logs_after_the_command_name(workdir: Path) -> None:
 
 @pytest.mark.parametrize("command", [["status", "some-uuid"], ["messages"]])
 def test_status_and_messages_without_a_database_say_so_and_create_nothing(workdir: Path, command) -> None:
-    result = sqapi(*command, cwd=workdir, env={"SQAPI_DB": str(workdir / "db" / "none.db")})
+    result = sqapi(*command, cwd=workdir, env={"SQAPI_EMBEDDED_DIR": str(workdir / "db")})
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: no status database at {workdir / 'db' / 'none.db'}: run sqapi process/run first")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"Error: no status database at the embedded PostgreSQL in {workdir / 'db'} (schema ")
     assert not (workdir / "db").exists()
 
 
-def test_status_and_messages_on_a_database_without_status_tables_change_nothing(workdir: Path) -> None:
-    import sqlite3
-
-    path = workdir / "other.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE unrelated (x INTEGER)")
-    conn.close()
-    before = sorted(p.name for p in workdir.iterdir()), path.read_bytes()
-    result = sqapi("messages", cwd=workdir, env={"SQAPI_DB": str(path)})
+def test_status_and_messages_on_a_database_without_status_tables_change_nothing(workdir: Path, status_db,
+                                                                                status_schema) -> None:
+    status_db(f'CREATE SCHEMA "{status_schema}"')
+    status_db("CREATE TABLE unrelated (x INTEGER)")
+    result = sqapi("messages", cwd=workdir, env={"SQAPI_DB_SCHEMA": "never_created"})
     assert result.returncode == 1
-    assert f"no status database at {path}: run sqapi process/run first" in result.stderr
-    assert (sorted(p.name for p in workdir.iterdir()), path.read_bytes()) == before
+    assert "(schema never_created): run sqapi process/run first" in result.stderr
+    assert status_db("SELECT 1 FROM pg_namespace WHERE nspname = 'never_created'") == []
+    result = sqapi("messages", cwd=workdir)
+    assert result.returncode == 1 and f"(schema {status_schema}): run sqapi process/run first" in result.stderr
+    assert status_db(f"SELECT tablename FROM pg_tables WHERE schemaname = '{status_schema}'") == [("unrelated",)]
 
 
 def test_plugins_json_lists_each_endpoint_with_its_methods(workdir: Path, write_plugin) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ def test_no_config_gives_the_embedded_default(workdir: Path) -> None:
     assert config.source == "<embedded default>"
     assert config.msg_broker.type == "directory"
     assert config.data_store.type == "disk"
-    assert config.database.type == "sqlite"
-    assert config.database.path == str(workdir / "sqapi.db")  # from $SQAPI_DB
+    assert config.database.type == "postgres"  # the embedded PostgreSQL: no connection or dsn given
+    assert config.database.get("connection") is None and config.database.get("dsn") is None
+    assert config.database.embedded.directory == os.environ["SQAPI_EMBEDDED_DIR"]
 
 
 def test_a_config_file_is_merged_over_the_embedded_default(write_config) -> None:

@@ -50,7 +50,7 @@ def test_register_plugin_secrets_masks_a_password_from_a_plugins_own_config(work
 
     write_plugin("leaky", "import logging\ndef execute(config, database, message, metadata, data):\n"
                           "    logging.getLogger('leaky').error('connecting with %s', config.plugin['password'])\n",
-                 config={"plugin": {"password": "plugin-only-secret"}})
+                 config={"plugin": {"password": "plugin-only-secret", "thread_safe": True, "isolation": "thread"}})
     app = make_app({"active_plugins": ["leaky"]})
     secret_filter = SecretFilter(secret_values(app.config))
     stream = io.StringIO()

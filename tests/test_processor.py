@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from sqapi.core import processor as processor_module
 from sqapi.core.outcome import Action, Delivery
 
 COUNTER = """
@@ -237,16 +236,29 @@ def test_a_malformed_copy_leaves_the_row_of_an_attempt_in_progress_alone_and_doe
         counting_app, write_data) -> None:
     """Its read-then-write could read QUERYING, then write FAILED over the valid copy's DONE; waiting for the
     claim would hold up a whole batch.  So: dead-lettered at once, the row left to the attempt in progress."""
+    import threading
+
     app = counting_app()
     location = write_data("a.txt", "x")
     valid = app.processor.parser.parse(message("u1", location), "valid")
-    with app.database.claim("u1"):   # a valid copy's attempt is in progress, holding the claim
-        app.database.record_attempt(valid, "QUERYING")
-        bad = app.process(b'{"uuid_ref": "u1"}', Delivery("bad"))  # returns: never waits for the claim
-        assert (bad.status, bad.action) == ("FAILED", Action.DEAD_LETTER)
-        row = app.database.get_message("u1")
-        assert (row["status"], row["attempts"]) == ("QUERYING", 1)   # untouched
-        app.database.update_message(valid, "DONE")  # the valid copy finishes
+    holding, finish = threading.Event(), threading.Event()
+
+    def valid_attempt() -> None:  # another worker's attempt at the valid copy, holding the claim
+        with app.database.claim("u1"):
+            app.database.record_attempt(valid, "QUERYING")
+            holding.set()
+            finish.wait(30)
+            app.database.update_message(valid, "DONE")  # the valid copy finishes
+
+    worker = threading.Thread(target=valid_attempt)
+    worker.start()
+    assert holding.wait(30)
+    bad = app.process(b'{"uuid_ref": "u1"}', Delivery("bad"))  # returns: never waits for the claim
+    assert (bad.status, bad.action) == ("FAILED", Action.DEAD_LETTER)
+    row = app.database.get_message("u1")
+    assert (row["status"], row["attempts"]) == ("QUERYING", 1)   # untouched
+    finish.set()
+    worker.join(30)
     assert app.database.get_message("u1")["status"] == "DONE"
     again = app.process(b'{"uuid_ref": "u1"}', Delivery("bad-again"))  # no attempt in progress: recorded
     assert again.status == "FAILED" and app.database.get_message("u1")["status"] == "DONE"  # DONE stays DONE
@@ -304,11 +316,11 @@ def test_remote_data_is_streamed_to_a_temp_file_that_is_removed_afterwards(make_
     assert list(temp.iterdir()) == []
 
 
-def test_a_plugin_past_its_timeout_is_abandoned_and_counted_until_it_returns(make_app, write_plugin,
+def test_a_thread_isolated_plugin_past_its_timeout_is_abandoned_and_counted_until_it_returns(make_app, write_plugin,
                                                                             write_data) -> None:
     write_plugin("stuck", "import threading\nRELEASE = threading.Event()\n"
                           "def execute(config, database, message, metadata, data):\n    RELEASE.wait(30)\n",
-                 config={"plugin": {"timeout": 0.2}})
+                 config={"plugin": {"timeout": 0.2, "thread_safe": True, "isolation": "thread"}})
     app = make_app({"active_plugins": ["stuck"]})
     outcome = app.process(message("u1", write_data("a.txt", "x")), Delivery("d"))
     assert outcome.status == "RETRY" and "timed out" in outcome.reason
@@ -331,7 +343,8 @@ def test_sqapi_process_exits_promptly_even_when_a_plugin_never_returns(workdir, 
     sqapi = str(Path(sys.executable).parent / "sqapi")
     result = subprocess.run([sqapi, "process", "m.json"], cwd=workdir, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
-    assert result.stdout.strip() == "f1 FAILED gave up after 1 attempt: plugin forever: timed out after 0.5s"
+    assert result.stdout.strip() == ("f1 FAILED gave up after 1 attempt: plugin forever: timed out after 0.5s (its "
+                                     "worker process was killed)")
 
 
 def test_a_result_too_large_to_keep_is_recomputed_for_a_plugin_that_needs_it(make_app, write_plugin,
@@ -379,22 +392,28 @@ def test_a_delete_message_runs_only_plugins_that_handle_deletion(make_app, write
     assert bad.status == "FAILED" and "action must be one of process, delete" in bad.reason
 
 
-@pytest.mark.parametrize("plugin_timeout", [30, 0], ids=["plugins-on-a-thread", "plugins-inline"])
+@pytest.mark.parametrize("plugin_timeout, isolation", [(30, "process"), (30, "thread"), (0, "thread")],
+                         ids=["worker-process", "plugins-on-a-thread", "plugins-inline"])
 def test_a_message_reads_querying_while_its_data_is_fetched_and_processing_while_plugins_run(
-        make_app, write_plugin, write_data, workdir, monkeypatch, plugin_timeout) -> None:
+        make_app, write_plugin, write_data, workdir, monkeypatch, plugin_timeout, isolation, status_schema,
+        embedded_dir) -> None:
     """A plugin that runs a while sees PROCESSING and the data's hash recorded (written after
-    PROCESSING_STATUS_AFTER seconds on a thread, at once when plugins run inline)."""
-    monkeypatch.setattr(processor_module, "PROCESSING_STATUS_AFTER", 0.05)
+    SLOW_AFTER seconds while the caller waits, at once when plugins run inline)."""
+    from sqapi.connectors.db import _embedded
+    from sqapi.core import runner
+
+    monkeypatch.setattr(runner, "SLOW_AFTER", 0.05)
     for name in ("peek_pkg", "peek_pkg.store"):  # a fresh module (its SEEN) for each parameter
         monkeypatch.delitem(sys.modules, name, raising=False)
     (workdir / "peek_pkg").mkdir()
     (workdir / "peek_pkg" / "__init__.py").write_text("")
     (workdir / "peek_pkg" / "store.py").write_text(
-        "import sqlite3, os\n"
+        "import psycopg2, os\n"
         "SEEN = []\n"
         "def download_to_disk(config, ref):\n"
-        "    db = sqlite3.connect(config['db'])\n"
-        "    SEEN.append(db.execute('SELECT status FROM messages').fetchone()[0])\n"
+        "    with psycopg2.connect(**config['db']) as db, db.cursor() as cursor:\n"
+        "        cursor.execute('SELECT status FROM messages')\n"
+        "        SEEN.append(cursor.fetchone()[0])\n"
         "    return os.path.join(config['base_dir'], ref)\n")
     monkeypatch.syspath_prepend(str(workdir))
     write_plugin("peek", "import time\ndef execute(config, database, message, metadata, data):\n"
@@ -403,10 +422,11 @@ def test_a_message_reads_querying_while_its_data_is_fetched_and_processing_while
                          "        row = database.execute_query('SELECT status, hash_digest FROM messages')[0]\n"
                          "        if row['status'] != 'QUERYING' or time.monotonic() > deadline:\n"
                          "            return row\n"
-                         "        time.sleep(0.01)\n")
+                         "        time.sleep(0.01)\n",
+                 config={"plugin": {"thread_safe": True, "isolation": isolation}})
+    connection = dict(_embedded.Layout(embedded_dir).connection(), options=f"-c search_path={status_schema}")
     app = make_app({"active_plugins": ["peek"], "processing": {"plugin_timeout": plugin_timeout},
-                    "data_store": {"type": "peek_pkg.store", "base_dir": str(workdir / "data"),
-                                   "db": str(workdir / "sqapi.db")}})
+                    "data_store": {"type": "peek_pkg.store", "base_dir": str(workdir / "data"), "db": connection}})
     location = write_data("a.txt", "x")
     assert app.process(message("u1", location), Delivery("d")).status == "DONE"
     import peek_pkg.store  # type: ignore[import-not-found]
@@ -424,7 +444,8 @@ def test_plugin_rows_of_earlier_data_do_not_count_as_done_for_new_data(make_app,
                        "    if seen == 'v2' and not getattr(sys.modules[__name__], 'crashed', False):\n"
                        "        sys.modules[__name__].crashed = True\n"
                        "        raise KeyboardInterrupt  # stands in for the process dying mid-plugin\n"
-                       "    return {'saw': seen}\n", config={"plugin": {"timeout": 0}})  # inline: the crash escapes
+                       "    return {'saw': seen}\n",  # inline on the caller's thread: the "crash" escapes
+                 config={"plugin": {"timeout": 0, "thread_safe": True, "isolation": "thread"}})
     app = make_app({"active_plugins": ["p1", "p2"]})
     location = write_data("a.txt", "v1")
     assert app.process(message("u1", location), Delivery("d")).status == "DONE"

@@ -20,8 +20,8 @@ cheapest first so that nothing large is ever held in memory:
 * still running after ``max_seconds`` -> stopped between pages.
 
 Text beyond ``max_chars`` is cut off (``truncated: true``), which bounds memory and result size.
-PDFium is not thread-safe, so extraction is serialised within a process; run more loaders
-(processes) to extract in parallel.
+PDFium is not thread-safe, so extraction is serialised within a process: the plugin runs in
+worker processes (sqapi's default isolation), which extract in parallel, one PDF each.
 """
 
 from __future__ import annotations

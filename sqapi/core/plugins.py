@@ -8,8 +8,15 @@ A plugin is a folder (sqAPI's layout)::
     <name>/blueprints/*.py          each exposing ``bp = flask.Blueprint(...)``
 
 or an installed module registered under the ``sqapi.plugins`` entry point group.  Folders are
-searched in ``plugins/`` of the working directory and of the project, in ``plugin_dirs`` from
-the config and in ``$SQAPI_PLUGIN_DIRS``; the first folder of a name wins.
+searched in ``plugins/`` of the working directory, in ``plugin_dirs`` from the config, in
+``$SQAPI_PLUGIN_DIRS``, and last in sqapi's own ``plugins/`` (the built-ins): the first
+folder of a name wins, so a user's plugin replaces a built-in of the same name (with a warning
+naming both).
+
+A plugin's ``database`` is a Database of its own: of the type and connection its
+``config.yml``'s ``database`` section names, or else of the main one (see
+:func:`plugin_database_section`).  How its calls run is its ``plugin.isolation``
+(:mod:`sqapi.core.runner`).
 
 Every problem is pinned on its plugin -- a broken import, a wrong ``execute`` signature, a
 missing init script, a bad config value -- and recorded as that plugin's ``reason`` while
@@ -35,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from sqapi.config import Config, deep_merge, read_yaml, substitute_env
+from sqapi.config import Config, deep_merge, parse_size, read_yaml, substitute_env
 from sqapi.connectors.db import init_script_of
 from sqapi.errors import ConfigError, PluginNotConfigured, SqapiError
 
@@ -44,6 +51,10 @@ log = logging.getLogger(__name__)
 PROJECT_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 MODULE_PREFIX = "sqapi_plugins"
 ACTIVE, UNLOADED, FAILED = "active", "unloaded", "failed"
+#: ``plugin.isolation``: calls in worker processes (the default), or on the loader's threads (thread-safe only)
+PROCESS, THREAD = "process", "thread"
+#: where a database section says which server: a plugin naming one of these gets exactly its own
+_WHERE_KEYS = ("connection", "dsn", "url", "embedded", "path", "hosts")
 
 
 @dataclass
@@ -61,6 +72,14 @@ class Plugin:
     after: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=lambda: ["process"])
     timeout: float | None = None
+    isolation: str = PROCESS
+    thread_safe: bool = False
+    concurrency: int | None = None     # worker processes at most (None: processing.workers)
+    max_memory: int | None = None      # bytes, per worker process
+    database_section: dict[str, Any] | None = None  # what its Database was built from (``type`` included)
+    entry_point: str | None = None     # ``module:attr`` of a plugin installed as a package
+    builtin: bool = False              # shipped with sqapi (in sqapi's own plugins/)
+    shadowed: list[str] = field(default_factory=list)  # other plugins of this name, not used
     blueprints: list[Any] = field(default_factory=list)
     blueprint_errors: list[str] = field(default_factory=list)
     requested: bool = False  # named by active_plugins or $PLUGIN (not merely found)
@@ -88,6 +107,13 @@ class Plugin:
             "after": list(self.after),
             "actions": list(self.actions),
             "timeout": self.timeout,
+            "isolation": self.isolation,
+            "thread_safe": self.thread_safe,
+            "concurrency": self.concurrency,
+            "max_memory": self.max_memory,
+            "builtin": self.builtin,
+            "shadowed": list(self.shadowed),
+            "database": _where(self.database),
             "blueprint_errors": list(self.blueprint_errors),
         }
 
@@ -107,9 +133,10 @@ class PluginSet:
         """Active plugins, in order, that take data of type ``mime`` for ``action`` (process or delete)."""
         return [p for p in self.active if action in p.actions and (action != "process" or p.accepts(mime))]
 
-    def requested_failures(self) -> list[Plugin]:
-        """Plugins named in active_plugins or $PLUGIN that did not load: a loader must not run without them."""
-        return [p for p in self.plugins.values() if p.requested and p.state == FAILED]
+    def failures(self) -> list[Plugin]:
+        """Plugins that would run but did not load: a loader must not run without them (it would record messages
+        DONE that they never saw).  A plugin left out by active_plugins or $PLUGIN is not one of them."""
+        return [p for p in self.plugins.values() if p.state == FAILED]
 
     def close(self) -> None:
         for plugin in self.plugins.values():
@@ -118,34 +145,44 @@ class PluginSet:
 
 
 def plugin_dirs(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> list[Path]:
-    """The folders searched for plugins, in order, without duplicates."""
+    """The folders searched for plugins, in order (sqapi's own built-ins last), without duplicates."""
     env = os.environ if env is None else env
-    candidates = [Path.cwd() / "plugins", PROJECT_PLUGINS]
+    candidates = [Path.cwd() / "plugins"]
     candidates += [Path(p) for p in config.get("plugin_dirs") or []]
     candidates += [Path(p) for p in env.get("SQAPI_PLUGIN_DIRS", "").split(os.pathsep) if p]
+    candidates.append(PROJECT_PLUGINS)
     seen: list[Path] = []
     for path in candidates:
         resolved = path.resolve()
         if resolved not in seen and resolved.is_dir():
             seen.append(resolved)
-    return seen
+    # the built-ins come last even when the working directory is sqapi's own checkout
+    builtin = PROJECT_PLUGINS.resolve()
+    return [p for p in seen if p != builtin] + [p for p in seen if p == builtin]
 
 
 def discover(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Plugin]:
-    """Every plugin folder and entry point, first of a name wins (later ones are logged)."""
+    """Every plugin folder and entry point; the first of a name wins, the others are named in a warning."""
     found: dict[str, Plugin] = {}
+    builtin = PROJECT_PLUGINS.resolve()
     for folder in plugin_dirs(config, env):
         for child in sorted(folder.iterdir()):
             if not child.is_dir() or child.name.startswith((".", "_")) or not (child / "__init__.py").exists():
                 continue
             if child.name in found:
-                log.info("plugin %s in %s is shadowed by %s", child.name, child, found[child.name].directory)
+                _shadow(found[child.name], str(child))
                 continue
-            found[child.name] = Plugin(name=child.name, directory=child)
+            found[child.name] = Plugin(name=child.name, directory=child, builtin=folder == builtin)
     for ep in importlib_metadata.entry_points(group="sqapi.plugins"):
-        if ep.name in found:
+        existing = found.get(ep.name)
+        if existing is not None and not existing.builtin:
+            _shadow(existing, f"the installed package's entry point {ep.value}")
             continue
-        plugin = Plugin(name=ep.name, directory=None)
+        plugin = Plugin(name=ep.name, directory=None, entry_point=ep.value)
+        if existing is not None:  # an installed plugin replaces a built-in too
+            plugin.shadowed = [str(existing.directory)]
+            log.warning("plugin %s: the installed package's entry point %s replaces the built-in plugin in %s",
+                        ep.name, ep.value, existing.directory)
         try:
             module = ep.load()
             plugin.module = module
@@ -154,6 +191,13 @@ def discover(config: Mapping[str, Any], env: Mapping[str, str] | None = None) ->
             plugin.fail(f"entry point {ep.value} failed to load: {type(exc).__name__}: {exc}")
         found[ep.name] = plugin
     return found
+
+
+def _shadow(used: Plugin, other: str) -> None:
+    used.shadowed.append(other)
+    what = "the built-in plugin" if other.startswith(str(PROJECT_PLUGINS.resolve())) else "the plugin"
+    log.warning("plugin %s in %s is used; %s of the same name in %s is not", used.name, used.directory or
+                used.entry_point, what, other)
 
 
 def load_plugins(config: Config, make_database: Callable[[dict[str, Any]], Any],
@@ -192,7 +236,8 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
         own = _own_config(plugin)
         plugin.config = _merged_config(main, own, plugin)
         if plugin.module is None:
-            plugin.module = _import_plugin(plugin)
+            assert plugin.directory is not None
+            plugin.module = import_plugin_folder(plugin.name, plugin.directory)
         _check_execute(plugin.module)
         section = plugin.config.get("plugin") or {}
         plugin.mime_types = _mime_types(plugin.config)
@@ -206,6 +251,7 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
                                     or timeout < 0):
             raise ValueError(f"plugin.timeout must be a number of seconds, not {timeout!r}")
         plugin.timeout = float(timeout) if timeout else None
+        _isolation(plugin, section)
         check = getattr(plugin.module, "check", None)
         if callable(check):
             check(plugin.config)
@@ -222,6 +268,27 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
     _load_blueprints(plugin)
 
 
+def _isolation(plugin: Plugin, section: Mapping[str, Any]) -> None:
+    """``plugin.isolation``, ``thread_safe``, ``concurrency`` and ``max_memory``, checked."""
+    thread_safe = section.get("thread_safe", False)
+    if not isinstance(thread_safe, bool):
+        raise ValueError(f"plugin.thread_safe must be true or false, not {thread_safe!r}")
+    isolation = section.get("isolation", PROCESS)
+    if isolation not in (PROCESS, THREAD):
+        raise ValueError(f"plugin.isolation must be {PROCESS} or {THREAD}, not {isolation!r}")
+    if isolation == THREAD and not thread_safe:
+        raise ValueError("plugin.isolation: thread runs several calls at once on the loader's threads, which only a "
+                         "thread-safe plugin can take: declare plugin.thread_safe: true, or leave isolation: process")
+    concurrency = section.get("concurrency")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
+        raise ValueError(f"plugin.concurrency must be a whole number of at least 1, not {concurrency!r}")
+    plugin.isolation, plugin.thread_safe, plugin.concurrency = isolation, thread_safe, concurrency
+    plugin.max_memory = parse_size(section.get("max_memory"), "plugin.max_memory")
+    if plugin.max_memory is not None and isolation == THREAD:
+        raise ValueError("plugin.max_memory caps a worker process's memory: it needs isolation: process")
+
+
 def _own_config(plugin: Plugin) -> dict[str, Any]:
     if plugin.directory is None or not (plugin.directory / "config.yml").exists():
         return {}
@@ -233,34 +300,55 @@ def _merged_config(main: Config, own: Mapping[str, Any], plugin: Plugin) -> Conf
     merged = deep_merge(main, own)
     merged["plugin"] = dict(merged.get("plugin") or {})
     merged["plugin"].update(name=plugin.name, directory=str(plugin.directory) if plugin.directory else None)
-    # the core's init script is not the plugin's: only the plugin's own config.yml names one
-    database = dict(merged.get("database") or {})
-    database.pop("init", None)
-    database.pop("scripts", None)
-    merged["database"] = database
+    merged["database"] = plugin_database_section(main.get("database") or {}, own.get("database") or {})
     config = Config(merged)
     config.source = str(plugin.directory / "config.yml") if plugin.directory else main.source
     return config
 
 
-def _import_plugin(plugin: Plugin) -> types.ModuleType:
-    assert plugin.directory is not None
+def plugin_database_section(main: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``database`` section of a plugin's Database: exactly what the plugin names, never a mix of two servers.
+
+    * The plugin's ``config.yml`` names no database: the main one (without its init script,
+      which is the core's).
+    * It names another ``type``: its own section alone (an ``elasticsearch`` database takes
+      nothing from a PostgreSQL one).
+    * The same type, with where to connect (``connection``, ``dsn``, ``url``, ``embedded``,
+      ``path``, ``hosts``): the main section's other settings (pool, timeouts, schema) with the
+      plugin's connection alone -- the main connection's host or password never leaks into it.
+    * The same type with only other settings: those merged over the main section.
+    """
+    if not isinstance(own, Mapping):
+        raise ValueError(f"database in the plugin's config.yml must be a mapping, not {type(own).__name__}")
+    own_type = own.get("type")
+    if own_type and own_type != main.get("type"):
+        return dict(own)
+    base = {k: v for k, v in main.items() if k not in ("init", "scripts")}
+    if any(own.get(key) is not None for key in _WHERE_KEYS):
+        base = {k: v for k, v in base.items() if k not in _WHERE_KEYS}
+    section = deep_merge(base, own)
+    section["type"] = own_type or main.get("type")
+    return section
+
+
+def import_plugin_folder(name: str, directory: Path) -> types.ModuleType:
+    """Import the plugin folder ``directory`` as module ``sqapi_plugins.<name>`` (replacing one of that name)."""
     if MODULE_PREFIX not in sys.modules:
         package = types.ModuleType(MODULE_PREFIX)
         package.__path__ = []
         sys.modules[MODULE_PREFIX] = package
-    name = f"{MODULE_PREFIX}.{plugin.name}"
-    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+    module_name = f"{MODULE_PREFIX}.{name}"
+    for loaded in [m for m in sys.modules if m == module_name or m.startswith(module_name + ".")]:
         del sys.modules[loaded]  # a plugin of the same name loaded earlier from another folder
-    spec = importlib.util.spec_from_file_location(name, plugin.directory / "__init__.py",
-                                                  submodule_search_locations=[str(plugin.directory)])
+    spec = importlib.util.spec_from_file_location(module_name, directory / "__init__.py",
+                                                  submodule_search_locations=[str(directory)])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[name]
+        del sys.modules[module_name]
         raise
     return module
 
@@ -295,8 +383,11 @@ def _string_list(value: Any, key: str) -> list[str]:
 
 def _plugin_database(plugin: Plugin, own: Mapping[str, Any], make_database: Callable[[dict[str, Any]], Any]) \
         -> Any:
+    """The plugin's Database, its init script run: ``scripts/init.sql`` or the one its own config names."""
     section = dict(plugin.config.get("database") or {})
     named = init_script_of(own.get("database") or {})
+    section.pop("scripts", None)
+    section.pop("init", None)
     if named:
         base = plugin.directory or Path.cwd()
         script = Path(named) if os.path.isabs(named) else base / named
@@ -307,8 +398,25 @@ def _plugin_database(plugin: Plugin, own: Mapping[str, Any], make_database: Call
     elif plugin.directory is not None and (plugin.directory / "scripts" / "init.sql").exists():
         section["init"] = str(plugin.directory / "scripts" / "init.sql")
     database = make_database(section)
-    database.initialize_database()
+    plugin.database_section = {k: v for k, v in section.items() if k != "init"}
+    try:
+        database.initialize_database()
+    except BaseException:
+        if hasattr(database, "close"):
+            database.close()
+        raise
     return database
+
+
+def _where(database: Any) -> str | None:
+    """Where a plugin's Database is (never a password), for ``sqapi plugins``."""
+    describe = getattr(database, "describe", None)
+    if not callable(describe):
+        return None
+    try:
+        return str(describe())
+    except Exception:  # only a label
+        return None
 
 
 def _load_blueprints(plugin: Plugin) -> None:

@@ -13,8 +13,10 @@ batches) and shares their status writes: the attempts in one statement, then eac
 the batch with its rows in one statement, the last plugin's rows together with the final
 statuses.  A message's plugin DONE (and its hash) is recorded before its next plugin runs, so a
 crash never re-runs a finished plugin.  The PROCESSING status goes with the first plugin rows,
-or on its own once a plugin call has run for ``PROCESSING_STATUS_AFTER`` seconds (so a long
-plugin shows as PROCESSING while it runs): quick plugins cost no write of their own.
+or on its own once a plugin call has run for :data:`~sqapi.core.runner.SLOW_AFTER` seconds (so a
+long plugin shows as PROCESSING while it runs): quick plugins cost no write of their own.  The
+calls themselves run where the plugin's ``isolation`` says (:class:`~sqapi.core.runner.PluginRunner`:
+worker processes by default); the processor only hands them over and records what comes back.
 :meth:`Processor.process` is a batch of one: there is one code path.
 """
 
@@ -24,21 +26,21 @@ import contextlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqapi.connectors.data import DataStore, LocalCopy
 from sqapi.connectors.db import dump_result, result_was_omitted
 from sqapi.connectors.meta import MetaStore
-from sqapi.core.content import guess_mime, sha256_of
+from sqapi.core.content import mime_type, sha256_of
 from sqapi.core.message import Message, MessageParser, private_copy
 from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
 from sqapi.core.plugins import Plugin, PluginSet
-from sqapi.errors import ConnectorError, MessageError, NotFound, PermanentError, PluginTimeout
+from sqapi.core.runner import Call, PluginRunner
+from sqapi.errors import ConnectorError, MessageError, PermanentError, PluginFailed, PluginTimeout, is_retryable
+from sqapi.errors import describe_error as describe
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ VALIDATING, QUERYING, PROCESSING = "VALIDATING", "QUERYING", "PROCESSING"
 DONE, RETRY, FAILED = "DONE", "RETRY", "FAILED"
 PROCESS, DELETE = "process", "delete"  # message actions (msg_broker.message_fields.action)
 DELETED = "deleted"  # hash_digest of a deleted message: equal to no data's sha256
-#: seconds a plugin call runs before its batch's PROCESSING status is written on its own
-PROCESSING_STATUS_AFTER = 0.2
 
 
 class ProcessorHooks(Protocol):
@@ -66,71 +66,6 @@ class PluginFailure:
     reason: str
     retryable: bool
 
-
-def is_retryable(exc: BaseException) -> bool:
-    """Permanent errors are not retried; missing objects, outages, timeouts and crashes are."""
-    return not isinstance(exc, PermanentError)
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, PluginTimeout | ConnectorError | PermanentError | NotFound):
-        return str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {exc}"
-
-
-class _DaemonThreads:
-    """Daemon threads running calls handed to :meth:`submit`; idle ones are reused, one starts when none is idle.
-
-    A thread stuck in a call (a plugin past its timeout) is simply not idle: it never delays a
-    later call.  Threads idle for ``idle_seconds`` end.
-    """
-
-    def __init__(self, name: str, idle_seconds: float = 60.0) -> None:
-        self.name = name
-        self.idle_seconds = idle_seconds
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-        self._started = 0
-
-    def submit(self, call: Callable[[], None]) -> None:
-        with self._lock:
-            if self._idle > 0:
-                self._idle -= 1  # that thread is taken: it will pick this call
-                start = False
-            else:
-                self._started += 1
-                start = True
-        self._calls.put(call)
-        if start:
-            threading.Thread(target=self._serve, name=f"{self.name}-{self._started}", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                call = self._calls.get(timeout=self.idle_seconds)
-            except queue.Empty:
-                with self._lock:
-                    if self._idle > 0 and self._calls.empty():
-                        self._idle -= 1
-                        return
-                continue  # a call was handed to this idle thread just now
-            call()
-            with self._lock:
-                self._idle += 1
-
-
-@dataclass
-class _Call:
-    """One plugin call's private arguments."""
-
-    message: Message
-    metadata: dict[str, Any]
-    path: str
-
-
-#: a plugin call's result, error and duration (seconds)
-_Ran = tuple[Any, BaseException | None, float]
 
 #: a status to record: (message, status, info)
 _Update = tuple[Message, str, str | None]
@@ -188,7 +123,7 @@ class _Progress:
 
 class Processor:
     def __init__(self, config: Mapping[str, Any], database: Any, data_store: DataStore, meta_store: MetaStore,
-                 plugins: PluginSet, policy: RetryPolicy | None = None) -> None:
+                 plugins: PluginSet, policy: RetryPolicy | None = None, runner: PluginRunner | None = None) -> None:
         broker = config.get("msg_broker") or {}
         processing = config.get("processing") or {}
         self.database = database
@@ -199,13 +134,18 @@ class Processor:
         self.policy = policy or RetryPolicy.from_config(broker)
         self.max_result_bytes = int(processing.get("max_result_bytes", 1 << 20))
         self.hooks: list[ProcessorHooks] = []
-        #: plugin name -> calls still running past their timeout (abandoned, not killable)
-        self.overdue: dict[str, int] = {}
-        self._overdue_lock = threading.Lock()
-        self._runner = _DaemonThreads("sqapi-plugin")
+        self.mime_field: str | None = broker.get("mime_field") or None
+        #: runs the plugin calls (worker processes, or the loader's threads): the processor only asks it
+        self.runner = runner if runner is not None else PluginRunner(plugins, int(processing.get("workers") or 4))
+
+    @property
+    def overdue(self) -> dict[str, int]:
+        """Plugin name -> calls on the loader's threads still running past their timeout (``isolation: thread``)."""
+        return self.runner.overdue
 
     def close(self) -> None:
-        """Nothing to release: plugin calls past their timeout run on daemon threads."""
+        """Stop the plugins' worker processes."""
+        self.runner.close()
 
     # -- the entry points -----------------------------------------------------------------------
     def process(self, raw: bytes | str | Mapping[str, Any], delivery: Delivery) -> Outcome:
@@ -352,7 +292,7 @@ class Processor:
                 self.database.forget_plugin_rows(stale)
             # the hash goes with the first plugin rows (or before): a crash then resumes, never re-runs
             progress = _Progress(self.database, running)
-            if any(not p.timeout for w in running for p in w.plugins):  # run inline: no time to write it later
+            if any(self.runner.inline(p) for w in running for p in w.plugins):  # no time to write it later
                 self.database.update_messages(progress.take())
             last_rows = self._run_plugins(running, progress)
         finally:
@@ -384,7 +324,7 @@ class Processor:
         try:
             w.metadata = self._metadata(message)
             message.hash_digest = sha256_of(w.local.path)
-            message.type = message.type or guess_mime(w.local.path)
+            message.type = message.type or mime_type(w.local.path, message.data_location, w.metadata, self.mime_field)
         except Exception as exc:
             self._fail(w, f"metadata: {describe(exc)}", is_retryable(exc), None)
             return False
@@ -489,15 +429,15 @@ class Processor:
         rows: list[dict[str, Any]] = []
         for number, plugin in enumerate(order, start=1):
             rows = []
-            calls: list[tuple[_Work, _Call]] = []
+            calls: list[tuple[_Work, Call]] = []
             for w in running:
                 if any(p is plugin for p in w.plugins):
                     prepared = self._before_run(plugin, w)
-                    if isinstance(prepared, _Call):
+                    if isinstance(prepared, Call):
                         calls.append((w, prepared))
                     elif prepared is not None:
                         rows.append(prepared)
-            ran = self._call_all(plugin, [call for _w, call in calls], progress)
+            ran = self.runner.run(plugin, [call for _w, call in calls], progress.write)
             for (w, _call), (result, error, seconds) in zip(calls, ran, strict=True):
                 rows.append(self._after_run(plugin, w, result, error, seconds))
             if number < len(order):
@@ -506,7 +446,7 @@ class Processor:
                 self._notify_plugin(plugin.name, FAILED if error else DONE, seconds, describe(error) if error else None)
         return rows
 
-    def _before_run(self, plugin: Plugin, w: _Work) -> _Call | dict[str, Any] | None:
+    def _before_run(self, plugin: Plugin, w: _Work) -> Call | dict[str, Any] | None:
         """The call to make for ``plugin`` on one message, or the row to record instead (``None``: done before)."""
         message, results, statuses = w.message, w.results, w.statuses
         if plugin.name in w.done_before:
@@ -523,7 +463,7 @@ class Processor:
         wanted = results if "*" in plugin.after else plugin.after  # '*': after (and given) every other
         own = message.copy(results={name: private_copy(results[name]) for name in wanted if name in results},
                            plugin_statuses=private_copy(statuses))
-        return _Call(own, private_copy(w.metadata), w.path)
+        return Call(own, private_copy(w.metadata), w.path)
 
     def _after_run(self, plugin: Plugin, w: _Work, result: Any, error: BaseException | None, seconds: float) \
             -> dict[str, Any]:
@@ -532,8 +472,12 @@ class Processor:
         if error is not None:
             reason = describe(error)
             retryable = is_retryable(error)
-            log.warning("plugin %s failed on %s: %s", plugin.name, message.uuid, reason,
-                        exc_info=error if not isinstance(error, PermanentError | PluginTimeout) else None)
+            if isinstance(error, PluginFailed):  # from a worker process: its traceback came as text
+                log.warning("plugin %s failed on %s: %s%s", plugin.name, message.uuid, reason,
+                            f"\n{error.details.rstrip()}" if error.details and error.retryable else "")
+            else:
+                log.warning("plugin %s failed on %s: %s", plugin.name, message.uuid, reason,
+                            exc_info=error if not isinstance(error, PermanentError | PluginTimeout) else None)
             w.failures.append(PluginFailure(plugin.name, reason, retryable))
             w.statuses[plugin.name] = {"status": FAILED, "info": reason}
             if retryable and w.may_retry:
@@ -544,89 +488,6 @@ class Processor:
         w.statuses[plugin.name] = {"status": DONE, "info": None}
         return {"uuid": message.uuid, "plugin": plugin.name, "status": DONE, "duration_ms": seconds * 1000.0,
                 "result": dump_result(result, self.max_result_bytes)}
-
-    def _call_all(self, plugin: Plugin, calls: list[_Call], progress: _Progress) -> list[_Ran]:
-        """Run ``plugin`` once per call, in order; ``(result, error, seconds)`` for each, never raising."""
-        ran: list[_Ran] = []
-        while len(ran) < len(calls):
-            ran.extend(self._call_some(plugin, calls[len(ran):], progress))
-        return ran
-
-    def _call_some(self, plugin: Plugin, calls: list[_Call], progress: _Progress) -> list[_Ran]:
-        """Run calls until one is past its timeout (that one included): one after the other on one daemon thread.
-
-        Python cannot kill a thread, so a call past ``plugin.timeout`` is abandoned -- counted in
-        ``overdue`` until it returns, its thread running nothing else -- and the calls after it go
-        to another thread.  Idle threads are reused; none holds up shutdown.  While it waits, the
-        calling thread writes ``progress`` once the calls have run ``PROCESSING_STATUS_AFTER``.
-        """
-        if not plugin.timeout:
-            return [self._timed(plugin, call) for call in calls]
-        timeout = float(plugin.timeout)
-        done: list[_Ran] = []           # filled by the daemon thread, in order
-        starts = [time.monotonic()]     # starts[i]: when call i started (set with done[i - 1])
-        guard = threading.Lock()
-        finished = threading.Event()    # the daemon thread ran every call, or stopped
-        abandoned = [False]
-
-        def target() -> None:
-            try:
-                for index, call in enumerate(calls):
-                    try:
-                        ran = self._timed(plugin, call)
-                    except BaseException as exc:  # SystemExit and the like: handed to the caller as a failure
-                        ran = (None, exc, time.monotonic() - starts[index])
-                    with guard:
-                        if abandoned[0]:  # this call was given up: the caller runs the rest elsewhere
-                            self._overdue_changed(plugin.name, -1)
-                            return
-                        done.append(ran)
-                        starts.append(time.monotonic())
-            finally:
-                finished.set()
-
-        self._runner.submit(target)
-        mark_at = starts[0] + PROCESSING_STATUS_AFTER
-        while True:  # wakes when every call is done, when the running one's time is up, or to write progress
-            with guard:
-                count = len(done)
-                if count == len(calls):
-                    return list(done)
-                deadline = starts[count] + timeout
-                if time.monotonic() >= deadline:
-                    abandoned[0] = True
-                    taken = list(done)
-                    break
-            if progress.pending and time.monotonic() >= mark_at:
-                progress.write()
-                mark_at = float("inf")  # once: if it failed, it goes with the next write
-            wake = min(deadline, mark_at)
-            finished.wait(max(0.0, wake - time.monotonic()))
-        self._overdue_changed(plugin.name, +1)
-        return taken + [(None, PluginTimeout(f"timed out after {timeout:g}s"), time.monotonic() - starts[count])]
-
-    def _timed(self, plugin: Plugin, call: _Call) -> _Ran:
-        started = time.monotonic()
-        try:
-            result = self._call(plugin, call)
-        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() fails; it does not end the worker
-            return None, exc, time.monotonic() - started
-        return result, None, time.monotonic() - started
-
-    def _call(self, plugin: Plugin, call: _Call) -> Any:
-        assert plugin.module is not None
-        database = plugin.database if plugin.database is not None else self.database
-        with open(call.path, "rb") as data:
-            return plugin.module.execute(plugin.config, database, call.message, call.metadata, data)
-
-    def _overdue_changed(self, name: str, delta: int) -> None:
-        with self._overdue_lock:
-            self.overdue[name] = self.overdue.get(name, 0) + delta
-            if self.overdue[name] <= 0:
-                del self.overdue[name]
-            still = self.overdue.get(name, 0)
-        if delta > 0:
-            log.warning("plugin %s is still running past its timeout (%d call(s) overdue)", name, still)
 
     def _notify_plugin(self, name: str, status: str, seconds: float, reason: str | None) -> None:
         for hook in self.hooks:

@@ -22,6 +22,15 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     return samples
 
 
+def point_nowhere(database: Any, workdir: Path) -> None:
+    """Make the status database unreachable: a server socket where none listens."""
+    database.close()
+    database.embedded = None
+    database._params = {"host": str(workdir / "no-server-here"), "port": 5432, "user": "postgres",
+                        "dbname": "postgres"}
+    database.connect_attempts = 1
+
+
 # -- /health --------------------------------------------------------------------------------------
 def test_health_is_200_with_every_component_up(processed: Processed) -> None:
     answer = processed.client.get("/health")
@@ -30,14 +39,11 @@ def test_health_is_200_with_every_component_up(processed: Processed) -> None:
     assert body["status"] == "up" and body["down"] == []
     assert set(body["components"]) == {"database", "msg_broker", "data_store", "meta_store"}
     assert all(c["state"] == "up" for c in body["components"].values())
-    assert body["components"]["database"]["type"] == "sqlite"
+    assert body["components"]["database"]["type"] == "postgres"
 
 
 def test_health_is_503_naming_the_database_when_it_is_down(processed: Processed, workdir: Path) -> None:
-    blocker = workdir / "not-a-folder"
-    blocker.write_text("a file where the database's folder should be")
-    processed.sqapi.database.close()
-    processed.sqapi.database.path = str(blocker / "sqapi.db")
+    point_nowhere(processed.sqapi.database, workdir)
 
     answer = processed.client.get("/health")
 
@@ -231,12 +237,10 @@ def test_the_dashboard_shows_counts_failures_and_latency_without_outside_resourc
 
 
 def test_the_dashboard_still_answers_with_the_database_down(processed: Processed, workdir: Path) -> None:
-    (workdir / "blocked").write_text("")
-    processed.sqapi.database.close()
-    processed.sqapi.database.path = str(workdir / "blocked" / "db.sqlite")
+    point_nowhere(processed.sqapi.database, workdir)
     answer = processed.client.get("/")
     assert answer.status_code == 200
-    assert "database</strong> (sqlite) is down" in answer.get_data(as_text=True)
+    assert "database</strong> (postgres) is down" in answer.get_data(as_text=True)
 
 
 def test_an_app_with_no_messages_yet_renders_every_page(plugin_folders: None, make_app: Callable[..., Sqapi]) -> None:

@@ -46,6 +46,12 @@ def test_sqapi_api_guards_routes_with_the_token_from_the_environment(
 def test_sqapi_run_processes_spooled_messages_and_serves_them(plugin_folders: None, workdir: Path,
                                                              start_server: Callable[..., Server]) -> None:
     (workdir / "data" / "note.txt").write_text("spooled")
+    broken = subprocess.run([SQAPI_BIN, "run", "--port", "0"], cwd=workdir, capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1  # a loader never runs without a plugin that failed to load
+    assert "plugin failed to load, so nothing is processed (broken: " in broken.stderr
+    import shutil
+
+    shutil.rmtree(workdir / "plugins" / "broken")
     server = start_server("run")
     spool = workdir / "spool"
     spool.mkdir(exist_ok=True)  # the listener may not have created it yet

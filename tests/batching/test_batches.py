@@ -147,16 +147,16 @@ def test_a_batch_writes_its_status_in_as_many_statements_as_one_message(counting
 
 def test_a_batch_whose_status_write_fails_is_processed_again_one_by_one(counting_app: Callable[..., Sqapi]) -> None:
     app = counting_app()
-    original = app.database.update_plugins
+    original = app.database.record_progress
     failed: list[int] = []
 
-    def fails_once(rows: Any) -> None:
-        if not failed:
+    def fails_once(updates: Any, rows: Any, last: bool = False) -> None:
+        if rows and not failed:  # the batch's first plugin rows
             failed.append(len(rows))
             raise ConnectorError("database went away for a moment")
-        original(rows)
+        original(updates, rows, last)
 
-    app.database.update_plugins = fails_once
+    app.database.record_progress = fails_once
     outcomes = app.processor.process_batch([(body(f"u-{n}"), Delivery(f"d-{n}")) for n in range(3)])
     assert failed == [3]
     assert [o.status for o in outcomes] == ["DONE"] * 3
@@ -244,9 +244,10 @@ def execute(config, database, message, metadata, data):
 """
 
 
-def test_plugin_calls_with_a_timeout_reuse_an_idle_daemon_thread_but_never_one_still_running(
+def test_thread_isolated_calls_with_a_timeout_reuse_an_idle_daemon_thread_but_never_one_still_running(
         make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str]) -> None:
-    write_plugin("threads", THREAD_PLUGIN, config={"plugin": {"timeout": 0.3}})
+    write_plugin("threads", THREAD_PLUGIN, config={"plugin": {"timeout": 0.3, "thread_safe": True,
+                                                             "isolation": "thread"}})
     write_data("item.txt", "hello")
     app = make_app({"active_plugins": ["threads"]})
 
@@ -282,12 +283,12 @@ def test_a_batch_of_status_writes_on_postgres_is_all_or_nothing(pg_section: dict
         database.close()
 
 
-def test_a_plugin_past_its_timeout_in_a_batch_fails_only_its_message_and_no_call_runs_twice(
+def test_a_thread_isolated_plugin_past_its_timeout_in_a_batch_fails_only_its_message_and_no_call_runs_twice(
         make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str],
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_plugin("slow", COUNTING.replace('    if metadata.get("fail")', '    if metadata.get("hang"):\n'
                                           '        import time; time.sleep(1.5)\n    if metadata.get("fail")'),
-                 config={"plugin": {"timeout": 0.3}})
+                 config={"plugin": {"timeout": 0.3, "thread_safe": True, "isolation": "thread"}})
     write_data("item.txt", "hello")
     monkeypatch.setenv("SQAPI_TEST_DATA", str(workdir / "data"))
     app = make_app({"active_plugins": ["slow"]})
@@ -321,7 +322,8 @@ def execute(config, database, message, metadata, data):
 def test_the_rabbitmq_listener_starts_more_workers_while_the_running_ones_wait_on_slow_plugins(
         make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str],
         broker: dict[str, Any], vhost: str) -> None:
-    write_plugin("sleepy", CONCURRENCY_PLUGIN)
+    # thread-safe, on the loader's threads: calls of several workers meet in one interpreter, where it counts them
+    write_plugin("sleepy", CONCURRENCY_PLUGIN, config={"plugin": {"thread_safe": True, "isolation": "thread"}})
     write_data("item.txt", "hello")
     app = make_app({"msg_broker": {**broker, "batch_size": 1, "workers": 4}, "active_plugins": ["sleepy"]})
     declare(vhost, broker)

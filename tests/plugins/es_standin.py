@@ -7,15 +7,26 @@ NDJSON), ``PUT|POST /<index>/_doc/<id>``, ``GET|DELETE /<index>/_doc/<id>`` and
 ``X-Elastic-Product: Elasticsearch`` header the client checks.  Documents live in
 ``self.indices[index][id]``; ``fail_next`` makes the next bulk requests answer the given
 statuses; ``item_status`` makes bulk items of a given id answer a given status.
+
+For the ``elasticsearch`` database type also: ``PUT /<index>`` (create an index; 400 when it
+exists), ``POST /<index>/_doc`` (a new id), ``PUT|POST /<index>/_create/<id>`` (409 when the id
+exists) and ``GET|POST [/<index pattern>]/_search`` with a ``match_all``, ``match``, ``term`` or
+``ids`` query (``size``, ``from``; a missing index is a 404, any other query a 400).  ``seen``
+records each request's method, path, query parameters, Authorization header and JSON body;
+``require_auth`` (an Authorization header value) makes every other request answer 401;
+``fail_next_request`` makes the next requests of any kind answer the given statuses.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl
 
 
 class ElasticsearchStandIn:
@@ -25,6 +36,10 @@ class ElasticsearchStandIn:
         self.bulk_sizes: list[int] = []
         self.fail_next: list[int] = []
         self.item_status: dict[str, list[int]] = {}
+        self.seen: list[dict[str, Any]] = []
+        self.require_auth: str | None = None
+        self.fail_next_request: list[int] = []
+        self.mappings: dict[str, Any] = {}
         self.lock = threading.Lock()
         standin = self
 
@@ -45,12 +60,21 @@ class ElasticsearchStandIn:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
             def _handle(self) -> None:
-                path = self.path.split("?")[0]
+                path, _, query = self.path.partition("?")
                 parts = [p for p in path.split("/") if p]
                 body = self._body()
+                authorization = self.headers.get("Authorization")
                 with standin.lock:
                     standin.requests.append((self.command, path))
-                    status, answer = standin.answer(self.command, parts, body)
+                    standin.seen.append({"method": self.command, "path": path, "params": dict(parse_qsl(query)),
+                                         "authorization": authorization, "body": _json_or_none(body)})
+                    if standin.require_auth is not None and authorization != standin.require_auth:
+                        status, answer = 401, _error(401, "security_exception", "missing authentication credentials")
+                    elif standin.fail_next_request:
+                        status = standin.fail_next_request.pop(0)
+                        answer = _error(status, "standin_error", f"told to answer {status}")
+                    else:
+                        status, answer = standin.answer(self.command, parts, body)
                 self._reply(status, answer)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
@@ -109,8 +133,45 @@ class ElasticsearchStandIn:
             doc = self.indices.get(index, {}).get(doc_id)
             return (200, {"_index": index, "_id": doc_id, "found": True, "_source": doc}) if doc else \
                 (404, {"_index": index, "_id": doc_id, "found": False})
+        if len(parts) == 2 and parts[1] == "_doc" and method == "POST":
+            index, doc_id = parts[0], uuid.uuid4().hex[:20]
+            self.indices.setdefault(index, {})[doc_id] = json.loads(body)
+            return 201, {"_index": index, "_id": doc_id, "result": "created"}
+        if len(parts) == 3 and parts[1] == "_create" and method in ("PUT", "POST"):
+            index, doc_id = parts[0], parts[2]
+            if doc_id in self.indices.get(index, {}):
+                return 409, _error(409, "version_conflict_engine_exception",
+                                   f"[{doc_id}]: version conflict, document already exists")
+            self.indices.setdefault(index, {})[doc_id] = json.loads(body)
+            return 201, {"_index": index, "_id": doc_id, "result": "created"}
+        if parts[-1] == "_search" and len(parts) <= 2 and method in ("GET", "POST"):
+            return self.search(parts[0] if len(parts) == 2 else "*", _json_or_none(body) or {})
+        if len(parts) == 1 and method == "PUT":
+            if parts[0] in self.indices:
+                return 400, _error(400, "resource_already_exists_exception", f"index [{parts[0]}] already exists")
+            self.indices[parts[0]] = {}
+            self.mappings[parts[0]] = (_json_or_none(body) or {}).get("mappings")
+            return 200, {"acknowledged": True, "shards_acknowledged": True, "index": parts[0]}
         return 400, {"error": {"type": "illegal_argument_exception", "reason": f"stand-in has no {parts}"},
                      "status": 400}
+
+    def search(self, pattern: str, request: dict[str, Any]) -> tuple[int, Any]:
+        names = pattern.split(",")
+        missing = [n for n in names if not any(c in n for c in "*?") and n not in self.indices and n != "_all"]
+        if missing:
+            return 404, _error(404, "index_not_found_exception", f"no such index [{missing[0]}]")
+        query = request.get("query") or {"match_all": {}}
+        (kind, clause), = query.items()
+        if kind not in ("match_all", "match", "term", "ids"):
+            return 400, _error(400, "parsing_exception", f"unknown query [{kind}]")
+        hits = [{"_index": index, "_id": doc_id, "_score": 1.0, "_source": doc}
+                for index, docs in sorted(self.indices.items())
+                if any(n == "_all" or fnmatch.fnmatch(index, n) for n in names)
+                for doc_id, doc in docs.items() if _matches(kind, clause, doc_id, doc)]
+        start = int(request.get("from", 0))
+        page = hits[start:start + int(request.get("size", 10))]
+        return 200, {"took": 1, "timed_out": False, "hits": {"total": {"value": len(hits), "relation": "eq"},
+                                                             "max_score": 1.0 if hits else None, "hits": page}}
 
     def bulk(self, default_index: str | None, body: bytes) -> tuple[int, Any]:
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -143,3 +204,42 @@ class ElasticsearchStandIn:
         self.bulk_sizes.append(len(items))
         errors = any(next(iter(i.values()))["status"] >= 300 for i in items)
         return 200, {"took": 1, "errors": errors, "items": items}
+
+
+def _error(status: int, kind: str, reason: str) -> dict[str, Any]:
+    return {"error": {"type": kind, "reason": reason}, "status": status}
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body.strip() else None
+    except ValueError:
+        return None  # NDJSON (bulk)
+
+
+def _field(doc: dict[str, Any], path: str) -> list[Any]:
+    value: Any = doc
+    for name in path.split("."):
+        if not isinstance(value, dict) or name not in value:
+            return []
+        value = value[name]
+    return value if isinstance(value, list) else [value]
+
+
+def _words(value: Any) -> set[str]:
+    return set(re.findall(r"\w+", str(value).lower()))
+
+
+def _matches(kind: str, clause: dict[str, Any], doc_id: str, doc: dict[str, Any]) -> bool:
+    """A much simplified Elasticsearch query: match (any word, strings; else equality), term, ids."""
+    if kind == "match_all":
+        return True
+    if kind == "ids":
+        return doc_id in clause.get("values", [])
+    (path, wanted), = clause.items()
+    if isinstance(wanted, dict):
+        wanted = wanted.get("query" if kind == "match" else "value")
+    values = _field(doc, path)
+    if kind == "match" and isinstance(wanted, str):
+        return any(_words(wanted) & _words(v) for v in values if isinstance(v, str))
+    return wanted in values

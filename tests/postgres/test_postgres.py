@@ -233,7 +233,8 @@ def test_the_final_write_releases_the_claim_only_after_it_is_committed(database:
 
 
 @pytest.mark.parametrize("section, key", [
-    ({"connection": {"port": 5432}}, "database.connection.host"),
+    ({"connection": ["h1:5432"]}, "database.connection"),
+    ({"embedded": ".sqapi/postgres"}, "database.embedded"),
     ({"connection": {"host": "h", "port": "x"}}, "database.connection.port"),
     ({"connection": {"host": "h"}, "schema": "bad-name;drop"}, "database.schema"),
     ({"connection": {"host": "h"}, "pool": {"min": 5, "max": 2}}, "database.pool"),

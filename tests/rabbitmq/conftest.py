@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import psycopg2
+import psycopg2.errors
+import psycopg2.extras
 import pytest
 import yaml
 
 from sqapi.app import Sqapi
-from tests.services import pg_schema, pg_section, postgres_server  # noqa: F401 (fixtures, used by name)
+from tests.services import pg_connect
 
 HOST, PORT = "127.0.0.1", 5672
 START = "rabbitmq-server -detached"
@@ -40,13 +43,21 @@ import time
 from sqapi.errors import PermanentError
 
 
+def loader_pid():
+    """The loader process this call runs for: the parent of the plugin worker process, if it runs in one."""
+    pid = os.getpid()
+    while b"sqapi.core.worker" in open(f"/proc/{pid}/cmdline", "rb").read():
+        pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    return pid
+
+
 def execute(config, database, message, metadata, data):
     """Logs each run, sleeps or fails as the metadata says, then records its side effect once."""
     earlier = database.execute_query("SELECT COUNT(*) AS n FROM record_runs WHERE uuid = %(uuid)s",
                                      uuid=message.uuid)[0]["n"]
     database.execute_query(
-        "INSERT INTO record_runs (uuid, pid, started) VALUES (%(uuid)s, %(pid)s, %(started)s)",
-        uuid=message.uuid, pid=os.getpid(), started=time.time())
+        "INSERT INTO record_runs (uuid, pid, worker, started) VALUES (%(uuid)s, %(pid)s, %(worker)s, %(started)s)",
+        uuid=message.uuid, pid=loader_pid(), worker=os.getpid(), started=time.time())
     time.sleep(float(metadata.get("sleep", 0)))
     if not earlier:
         time.sleep(float(metadata.get("sleep_first_run", 0)))
@@ -61,7 +72,8 @@ def execute(config, database, message, metadata, data):
 '''
 
 RECORD_INIT = '''
-CREATE TABLE IF NOT EXISTS record_runs (uuid TEXT NOT NULL, pid INTEGER NOT NULL, started DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS record_runs (uuid TEXT NOT NULL, pid INTEGER NOT NULL, worker INTEGER NOT NULL,
+                                       started DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS record_effects (uuid TEXT PRIMARY KEY, size INTEGER NOT NULL);
 '''
 
@@ -239,3 +251,30 @@ def loader_config(workdir: Path, broker: dict[str, Any]) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def status_db(pg_section: dict[str, Any], record_plugin: Path, write_data: Callable[[str, bytes | str], str]) \
+        -> Iterator[Callable[[str], list[dict[str, Any]]]]:
+    """Queries on the status database (this test's PostgreSQL schema) the loaders write."""
+    write_data("item.txt", "hello")
+    conn = pg_connect()
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute(f'SET search_path TO "{pg_section["schema"]}"')
+
+    def query(sql: str) -> list[dict[str, Any]]:
+        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cursor:
+            try:
+                cursor.execute(sql)
+            except psycopg2.errors.UndefinedTable:
+                return []
+            return [dict(row) for row in cursor.fetchall()]
+
+    yield query
+    conn.close()
+
+
+def count(query: Callable[[str], list[dict[str, Any]]], sql: str) -> int:
+    rows = query(sql)
+    return int(rows[0]["n"]) if rows else 0

@@ -8,13 +8,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-import psycopg2.errors
-import psycopg2.extras
 import pytest
 import yaml
 
@@ -22,6 +19,7 @@ from sqapi import supervisor
 from sqapi.app import Sqapi
 from tests.rabbitmq.conftest import (
     Loaders,
+    count,
     declare,
     depth,
     listening,
@@ -30,34 +28,6 @@ from tests.rabbitmq.conftest import (
     rabbitmqctl,
     wait_until,
 )
-from tests.services import pg_connect
-
-
-@pytest.fixture
-def status_db(pg_section: dict[str, Any], record_plugin: Path, write_data: Callable[[str, bytes | str], str]) \
-        -> Iterator[Callable[[str], list[dict[str, Any]]]]:
-    """Queries on the status database (this test's PostgreSQL schema) the loaders write."""
-    write_data("item.txt", "hello")
-    conn = pg_connect()
-    conn.autocommit = True
-    with conn.cursor() as cursor:
-        cursor.execute(f'SET search_path TO "{pg_section["schema"]}"')
-
-    def query(sql: str) -> list[dict[str, Any]]:
-        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cursor:
-            try:
-                cursor.execute(sql)
-            except psycopg2.errors.UndefinedTable:
-                return []
-            return [dict(row) for row in cursor.fetchall()]
-
-    yield query
-    conn.close()
-
-
-def count(query: Callable[[str], list[dict[str, Any]]], sql: str) -> int:
-    rows = query(sql)
-    return int(rows[0]["n"]) if rows else 0
 
 
 def consuming(loader: Any) -> bool:
@@ -150,6 +120,8 @@ def test_one_loader_command_with_two_processes_shares_the_work_survives_a_killed
     alive = [pid for pid in {r["pid"] for r in status_db("SELECT DISTINCT pid FROM record_runs")}
              if os.path.exists(f"/proc/{pid}") and "sqapi" in open(f"/proc/{pid}/cmdline").read()]
     assert alive == [], "loader processes outlived their supervisor"
+    workers = {r["worker"] for r in status_db("SELECT DISTINCT worker FROM record_runs")}
+    assert workers and not any(os.path.exists(f"/proc/{pid}") for pid in workers), "plugin workers outlived it"
 
 
 @pytest.mark.slow

@@ -22,13 +22,17 @@ provides ``execute_query`` and ``transaction()``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+from sqapi.errors import PermanentError
 
 #: The project's own scripts folder, holding the core schema.
 CORE_SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
@@ -40,6 +44,70 @@ MESSAGE_STATUSES = ("VALIDATING", "QUERYING", "PROCESSING", "DONE", "RETRY", "FA
 
 
 _DOLLAR_QUOTE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+class ScriptNotFound(PermanentError):
+    """An SQL script named to ``execute_script`` does not exist (or cannot be read); names its path."""
+
+
+#: statements that change the schema: a script holding one takes the schema lock (PostgreSQL)
+_DDL = re.compile(r"\s*(?:CREATE|ALTER|DROP|COMMENT|GRANT|REVOKE|DO|REINDEX|CLUSTER|SECURITY\s+LABEL)\b",
+                  re.IGNORECASE)
+_NAMED_PARAMETER = re.compile(r"%\((\w+)\)s")
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement of a script: its text, the ``%(name)s`` parameters it uses, whether it is DDL."""
+
+    number: int
+    text: str
+    parameters: frozenset[str]
+    ddl: bool
+
+
+@dataclass(frozen=True)
+class Script:
+    """An SQL script, split once: what ``execute_script`` runs."""
+
+    path: str
+    statements: tuple[Statement, ...]
+
+    @property
+    def ddl(self) -> bool:
+        return any(statement.ddl for statement in self.statements)
+
+
+_SCRIPTS: dict[str, tuple[tuple[int, int], Script]] = {}
+_SCRIPTS_LOCK = threading.Lock()
+
+
+def load_script(path: str | os.PathLike[str]) -> Script:
+    """The script at ``path``, read and split once and reused until the file changes (size or mtime).
+
+    A plugin calls ``execute_script`` on every message: this makes the call cost one ``stat``
+    instead of a read and a parse.  Raises :class:`ScriptNotFound` naming the path.
+    """
+    key = os.fspath(path)
+    try:
+        info = os.stat(key)
+        stamp = (info.st_mtime_ns, info.st_size)
+        with _SCRIPTS_LOCK:
+            cached = _SCRIPTS.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        with open(key, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ScriptNotFound(f"SQL script {key} cannot be read: {reason}") from None
+    statements = tuple(Statement(number, statement, frozenset(_NAMED_PARAMETER.findall(statement)),
+                                 bool(_DDL.match(statement)))
+                       for number, statement in enumerate(split_statements(text), start=1))
+    script = Script(key, statements)
+    with _SCRIPTS_LOCK:
+        _SCRIPTS[key] = (stamp, script)
+    return script
 
 
 def utcnow() -> str:

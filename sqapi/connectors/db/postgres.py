@@ -1,16 +1,21 @@
-"""``database: {type: postgres, connection: {...}}`` -- the production status database (psycopg2).
+"""``database: {type: postgres, ...}`` -- the status database (psycopg2): a server, or one sqapi runs itself.
 
 Config (the ``database`` section; sqAPI's ``connection`` block, or a ``dsn``/``url``)::
 
     type: postgres
     connection: {host: localhost, port: 5432, user: postgres, password: ..., name: sqapi, timeout: 5}
     dsn: null                 # or "postgresql://user:pass@host:5432/db" (wins over connection)
+    embedded: {directory: .sqapi/postgres}    # used when neither connection.host nor dsn is given
     schema: null              # tables live in this schema (created when missing); search_path is just it
     pool: {min: 1, max: 10, timeout: 30}       # opened at start / at most (kept for reuse) / seconds to wait
     connect_retry: {attempts: 5, delay: 1.0, max_delay: 10.0}   # at startup, while unreachable
     claim_timeout: 300        # seconds an attempt waits for another attempt at the same uuid
     statement_timeout: null   # seconds; null: the server's
     synchronous_commit: null  # null: the server's (on); off trades crash durability of the last writes for speed
+
+With neither ``connection.host`` nor ``dsn``, the database is the embedded PostgreSQL of
+``embedded.directory`` (see :mod:`sqapi.connectors.db._embedded`): started on first use,
+shared by every sqapi process of that folder, stopped when the last one exits.
 
 Connections come from one :class:`psycopg2.pool.ThreadedConnectionPool` per Database; a thread
 waits (``pool.timeout``) for a free connection rather than failing.  :meth:`Database.transaction`
@@ -56,16 +61,16 @@ from sqapi.connectors.db import (
     ON_PLUGIN_CONFLICT,
     STATUS_TABLES,
     StatusStore,
-    split_statements,
+    load_script,
     utcnow,
 )
+from sqapi.connectors.db import _embedded as embedded_server
 from sqapi.errors import ConfigError, ConnectorError, SqapiError
 
 log = logging.getLogger(__name__)
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PARAMETER = re.compile(r"%\(\w+\)s|%%")
-_NAMED = re.compile(r"%\((\w+)\)s")
 #: ``CREATE [UNIQUE] INDEX IF NOT EXISTS name ON ...``: PostgreSQL locks the table against writes (SHARE) before it
 #: looks for the index, so a loader starting next to busy ones would wait behind their writes -- and, holding the
 #: lock of an earlier statement of its script, deadlock with them.  execute_script skips it when the index is there.
@@ -100,15 +105,19 @@ def validate_config(config: dict[str, Any]) -> None:
     dsn = config.get("dsn") or config.get("url")
     connection = config.get("connection")
     if connection is not None and not isinstance(connection, dict):
-        fail("connection", "must be a mapping", "write connection: {host: ..., port: ..., user: ..., name: ...}")
+        fail("connection", f"must be a mapping, not {type(connection).__name__}",
+             "write connection: {host: ..., port: ..., user: ..., name: ...} (a list of hosts is the form of "
+             "type: elasticsearch)")
     if dsn is not None and not isinstance(dsn, str):
         fail("dsn", "must be a string", "write dsn: postgresql://user@host:5432/dbname")
-    if not dsn and not (connection or {}).get("host"):
-        fail("connection.host", "missing (and no dsn/url given)", "set database.connection.host or database.dsn")
+    embedded = config.get("embedded")
+    if embedded is not None and not (isinstance(embedded, dict) and isinstance(embedded.get("directory") or "", str)):
+        fail("embedded", f"must be a mapping like {{directory: .sqapi/postgres}}, not {embedded!r}",
+             "write embedded: {directory: FOLDER}, or give connection.host / dsn for a server")
     port = (connection or {}).get("port")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
         fail("connection.port", f"must be a whole number, not {port!r}", "set it to the server's port, e.g. 5432")
-    schema = config.get("schema")
+    schema = config.get("schema") or None
     if schema is not None and not (isinstance(schema, str) and _IDENTIFIER.fullmatch(schema)):
         fail("schema", f"{schema!r} is not a plain identifier", "use letters, digits and underscores")
     pool = _section(config, "pool")
@@ -237,7 +246,13 @@ class Database(StatusStore):
         connection = _section(config, "connection")
         self._dsn: str | None = config.get("dsn") or config.get("url") or None
         self._params: dict[str, Any] = {}
-        if not self._dsn:
+        #: the folder of the embedded server, when neither a dsn nor a host names a server
+        self.embedded: Path | None = None
+        if not self._dsn and not connection.get("host"):
+            folder = _section(config, "embedded").get("directory") or ".sqapi/postgres"
+            self.embedded = Path(folder).absolute()
+            self._params = embedded_server.Layout(self.embedded).connection()
+        elif not self._dsn:
             self._params = {"host": connection.get("host") or "localhost", "port": int(connection.get("port") or 5432),
                             "dbname": connection.get("name") or connection.get("dbname") or "postgres",
                             "user": connection.get("user") or None, "password": connection.get("password") or None}
@@ -268,6 +283,8 @@ class Database(StatusStore):
     # -- where -----------------------------------------------------------------------------------
     def describe(self) -> str:
         """Where this database is, for messages: never the password."""
+        if self.embedded is not None:
+            return f"the embedded PostgreSQL in {self.embedded}"
         if self._dsn:
             parts = urlsplit(self._dsn) if "://" in self._dsn else None
             if parts is not None:
@@ -296,6 +313,8 @@ class Database(StatusStore):
                 return
             attempts = attempts or self.connect_attempts
             delay = self.connect_delay
+            if self.embedded is not None:  # started (or joined) here: the constructor does no I/O
+                self._params = embedded_server.ensure_running(self.embedded).connection()
             options = []
             if self.schema:
                 options.append(f"-c search_path={self.schema}")
@@ -333,8 +352,11 @@ class Database(StatusStore):
             self._ensure_schema()
 
     def has_status_tables(self) -> bool:
-        """Whether the core tables exist in the configured schema, creating nothing (not even the schema)."""
+        """Whether the core tables exist in the configured schema, creating nothing (not even the schema, nor an
+        embedded server's folder: an embedded server that was never set up has no tables)."""
         self._read_only = True
+        if self.embedded is not None and not embedded_server.Layout(self.embedded).initialized():
+            return False
         self.connect(attempts=1)
         rows = self.execute_query("SELECT to_regclass(t) IS NOT NULL AS found FROM unnest(%(names)s::text[]) AS t",
                                   names=list(STATUS_TABLES))
@@ -570,24 +592,32 @@ class Database(StatusStore):
 
     # -- sqAPI's contract ---------------------------------------------------------------------
     def execute_script(self, path: str, **kwargs: Any) -> list[dict[str, Any]]:
-        """Run every statement of the script at ``path`` in one transaction; the rows of the last that returns rows."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError:
-            raise ConfigError("database.init", f"SQL script '{path}' not found", "create it or fix the path")\
-                from None
+        """Run the script at ``path``; the rows of its last statement that returns rows.
+
+        A script of one statement costs what :meth:`execute_query` costs (one round trip); the
+        file is read and split once (:func:`~sqapi.connectors.db.load_script`).  Several
+        statements run in one transaction.  Only a script that changes the schema (DDL) takes the
+        database-wide schema lock, so that processes creating the same tables at once do not
+        collide in the catalog: a plugin's per-message writes never wait for each other on it.
+        """
+        script = load_script(path)
+        if len(script.statements) == 1 and not script.ddl:
+            statement = script.statements[0]
+            with self._bound():
+                return self._run(statement.text, {k: v for k, v in kwargs.items() if k in statement.parameters},
+                                 f"script {path}, statement 1") or []
         rows: list[dict[str, Any]] = []
         with self.transaction():
-            # two processes creating the same tables at once would collide in the catalog
-            self._run("SELECT pg_advisory_xact_lock(%(ns)s, 0)", {"ns": _LOCK_INIT}, "schema lock")
-            for number, statement in enumerate(split_statements(text), start=1):
-                index = _CREATE_INDEX_IF_NOT_EXISTS.match(statement)
+            if script.ddl:
+                self._run("SELECT pg_advisory_xact_lock(%(ns)s, 0)", {"ns": _LOCK_INIT}, "schema lock")
+            for statement in script.statements:
+                where = f"script {path}, statement {statement.number}"
+                index = _CREATE_INDEX_IF_NOT_EXISTS.match(statement.text) if statement.ddl else None
                 if index and self._run("SELECT to_regclass(%(name)s) IS NOT NULL AS found", {"name": index.group(1)},
-                                       f"script {path}, statement {number}")[0]["found"]:  # type: ignore[index]
+                                       where)[0]["found"]:  # type: ignore[index]
                     continue  # there already: do not lock its table (see _CREATE_INDEX_IF_NOT_EXISTS)
-                names = set(_NAMED.findall(statement))
-                params = {k: v for k, v in kwargs.items() if k in names}
-                result = self._run(statement, params, f"script {path}, statement {number}")
+                result = self._run(statement.text, {k: v for k, v in kwargs.items() if k in statement.parameters},
+                                   where)
                 if result is not None:
                     rows = result
         return rows

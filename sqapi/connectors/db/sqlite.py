@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from sqapi.config import require_keys
-from sqapi.connectors.db import STATUS_TABLES, StatusStore, split_statements
-from sqapi.errors import ConfigError, ConnectorError
+from sqapi.connectors.db import STATUS_TABLES, StatusStore, load_script
+from sqapi.errors import ConnectorError, SqapiError
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
@@ -35,6 +35,10 @@ def sqlite_variant(path: str | Path) -> Path:
     path = Path(path)
     variant = path.with_name(path.name[: -len(".sql")] + ".sqlite.sql") if path.name.endswith(".sql") else path
     return variant if variant.exists() else path
+
+
+class QueryError(SqapiError):
+    """A statement SQLite rejected; names the script and the statement."""
 
 
 def validate_config(config: dict[str, Any]) -> None:
@@ -100,18 +104,22 @@ class Database(StatusStore):
 
     # -- sqAPI's contract ---------------------------------------------------------------------
     def execute_script(self, path: str, **kwargs: Any) -> list[dict[str, Any]]:
-        """Run every statement of the script at ``path``; the rows of the last one that returns rows."""
-        chosen = sqlite_variant(path)
-        try:
-            text = chosen.read_text(encoding="utf-8")
-        except OSError:
-            raise ConfigError("database.init", f"SQL script '{path}' not found", "create it or fix the path")\
-                from None
+        """Run every statement of the script at ``path``; the rows of the last one that returns rows.
+
+        SQLite does not speak PostgreSQL: a statement it rejects is reported with the script's path,
+        the statement's number and its first line (a plugin written for PostgreSQL belongs on the
+        default, PostgreSQL database)."""
+        script = load_script(sqlite_variant(path))
         rows: list[dict[str, Any]] = []
         with self.transaction():
-            for statement in split_statements(text):
-                names = set(_PLACEHOLDER.findall(statement))
-                result = self._execute(statement, {k: v for k, v in kwargs.items() if k in names})
+            for statement in script.statements:
+                params = {k: v for k, v in kwargs.items() if k in statement.parameters}
+                try:
+                    result = self._execute(statement.text, params)
+                except sqlite3.Error as exc:
+                    first = statement.text.strip().splitlines()[0][:120]
+                    raise QueryError(f"SQL error in script {script.path}, statement {statement.number} [{first}]: "
+                                     f"{exc} (SQLite; this statement may be PostgreSQL's dialect)") from None
                 if result is not None:
                     rows = result
         return rows
