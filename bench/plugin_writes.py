@@ -17,6 +17,9 @@ at --database-url, dropped at the end):
 
 Each rate is (N - 1) / (last finished - first started), read from the status rows.  The cases
 run one after the other on the same machine, so the ratio script / noop is the figure to read.
+For each case the CPU time every process used from the first message DONE to the last
+(loader, plugin workers, PostgreSQL, RabbitMQ; from /proc) is printed per message: on a
+machine whose cores are all busy, that is what the rates come down to.
 """
 
 from __future__ import annotations
@@ -105,6 +108,33 @@ def publish(vhost: str, n: int) -> None:
     connection.close()
 
 
+def cpu_by_kind() -> dict[str, int]:
+    """Clock ticks of user + system CPU used so far, by kind of process (every process this user can read)."""
+    ticks: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        kind = ("plugin workers" if "sqapi.core.worker" in command else "sqapi loader" if " loader " in command
+                else "PostgreSQL" if command.startswith("postgres") else "RabbitMQ" if "beam.smp" in command
+                else "other")
+        ticks[f"{kind}:{entry.name}"] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def cpu_per_message(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:
+    """Microseconds of CPU per message, by kind (processes that started meanwhile count from zero)."""
+    spent: dict[str, float] = {}
+    for key, ticks in after.items():
+        kind = key.split(":", 1)[0]
+        spent[kind] = spent.get(kind, 0.0) + (ticks - before.get(key, 0)) / os.sysconf("SC_CLK_TCK") / n * 1e6
+    return spent
+
+
 def run_case(root: Path, case: str, args: argparse.Namespace) -> dict[str, Any]:
     vhost = f"sqapi-bench-{uuid.uuid4().hex[:8]}"
     schema = f"sqapi_bench_{uuid.uuid4().hex[:8]}"
@@ -125,17 +155,23 @@ def run_case(root: Path, case: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         (folder / "sqapi.yml").write_text(yaml.safe_dump(config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("SQAPI_") and k != "CFG_FILE"}
+        cpu_before: dict[str, int] = {}
+        counted_from = 0
         with open(folder / "loader.log", "wb") as log:
             loader = subprocess.Popen([SQAPI, "--log-level", "WARNING", "loader", "-c", str(folder / "sqapi.yml")],
                                       cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
             try:
                 deadline = time.monotonic() + args.timeout
                 while (done := count(args.database_url, schema, "status = 'DONE'")) < args.n:
+                    if done and not cpu_before:  # started and consuming: CPU counts from here, start-up left out
+                        cpu_before, counted_from = cpu_by_kind(), done
                     if loader.poll() is not None:
                         raise SystemExit(f"the loader exited; see {folder / 'loader.log'}")
                     if time.monotonic() > deadline:
                         raise SystemExit(f"timed out with {done}/{args.n} DONE")
                     time.sleep(0.2)
+                # a run too short to see a first message DONE before the last has no CPU figures
+                cpu = cpu_per_message(cpu_before, cpu_by_kind(), args.n - counted_from) if cpu_before else {}
                 loader.send_signal(signal.SIGTERM)
                 loader.wait(60)
             finally:
@@ -144,7 +180,7 @@ def run_case(root: Path, case: str, args: argparse.Namespace) -> dict[str, Any]:
         first, last = span(args.database_url, schema)
         rows = sum(count(args.database_url, schema, "true", table=f"items_{name}") for name in names
                    if name != "noop")
-        return {"rate": (args.n - 1) / (last - first), "rows": rows}
+        return {"rate": (args.n - 1) / (last - first), "rows": rows, "cpu": cpu}
     finally:
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
         with psycopg2.connect(args.database_url) as conn, conn.cursor() as cur:
@@ -171,6 +207,14 @@ def _seconds(value: Any) -> float:
     return value.timestamp() if isinstance(value, datetime) else datetime.fromisoformat(str(value)).timestamp()
 
 
+def cpu_text(cpu: dict[str, float]) -> str:
+    if not cpu:
+        return "too short a run to split its CPU"
+    kinds = ("sqapi loader", "plugin workers", "PostgreSQL", "RabbitMQ")
+    return "CPU us/msg: " + ", ".join(f"{kind} {cpu.get(kind, 0.0):.0f}" for kind in kinds) + \
+        f", all {sum(cpu.values()):.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=2000, help="messages per case (default 2000)")
@@ -184,10 +228,10 @@ def main() -> None:
         for i in range(args.n):
             (root / "data" / f"f{i:06d}.bin").write_bytes(os.urandom(1024))
         noop = run_case(root, "noop", args)
-        print(f"no-op plugin                  {noop['rate']:8.0f} msgs/s", flush=True)
+        print(f"no-op plugin                  {noop['rate']:8.0f} msgs/s  ({cpu_text(noop['cpu'])})", flush=True)
         script = run_case(root, "script", args)
-        print(f"{args.writers} execute_script plugin(s)    {script['rate']:8.0f} msgs/s  ({script['rows']} rows "
-              f"written for {args.n} messages)")
+        print(f"{args.writers} execute_script plugin(s)    {script['rate']:8.0f} msgs/s  ({cpu_text(script['cpu'])}; "
+              f"{script['rows']} rows written for {args.n} messages)")
         print(f"ratio script / no-op          {script['rate'] / noop['rate']:8.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -317,6 +317,13 @@ def plugin_database_section(main: Mapping[str, Any], own: Mapping[str, Any]) -> 
       ``path``, ``hosts``): the main section's other settings (pool, timeouts, schema) with the
       plugin's connection alone -- the main connection's host or password never leaks into it.
     * The same type with only other settings: those merged over the main section.
+
+    A plugin whose writes go to the status database's own PostgreSQL commits them without
+    waiting for the disk (``synchronous_commit: off``, unless either config says otherwise): a
+    plugin's call returns before sqapi records it DONE, and that record's commit waits for the
+    disk -- which makes every earlier commit of that server durable too (one WAL, written in
+    order).  So nothing is recorded DONE whose plugin rows a crash could lose, and a plugin that
+    writes a row per message does not wait for a disk flush per message.
     """
     if not isinstance(own, Mapping):
         raise ValueError(f"database in the plugin's config.yml must be a mapping, not {type(own).__name__}")
@@ -324,10 +331,13 @@ def plugin_database_section(main: Mapping[str, Any], own: Mapping[str, Any]) -> 
     if own_type and own_type != main.get("type"):
         return dict(own)
     base = {k: v for k, v in main.items() if k not in ("init", "scripts")}
-    if any(own.get(key) is not None for key in _WHERE_KEYS):
+    same_server = not any(own.get(key) is not None for key in _WHERE_KEYS)
+    if not same_server:
         base = {k: v for k, v in base.items() if k not in _WHERE_KEYS}
     section = deep_merge(base, own)
     section["type"] = own_type or main.get("type")
+    if same_server and section["type"] in ("postgres", "postgresql") and section.get("synchronous_commit") is None:
+        section["synchronous_commit"] = "off"
     return section
 
 

@@ -287,7 +287,8 @@ class WorkerPool:
         return self.call_seconds < QUICK_CALL
 
     def noted(self, seconds: float) -> None:
-        self.call_seconds += (seconds - self.call_seconds) * 0.2  # a moving average of recent calls
+        """A call's duration, into the moving average."""
+        self.call_seconds += (seconds - self.call_seconds) * 0.2
 
     def close(self) -> None:
         with self._cond:

@@ -229,7 +229,11 @@ def _make_database(spec: WorkerSpec) -> Any:
     from sqapi import registry
 
     module = registry.resolve("database", str(spec.database.get("type")))
-    return module.Database(dict(spec.database))  # connects on first use: its init script ran in the loader
+    database = module.Database(dict(spec.database))  # connects on first use: its init script ran in the loader
+    pin = getattr(database, "pin", None)
+    if callable(pin):  # one thread calls the plugin, one call at a time: one connection, kept
+        pin()
+    return database
 
 
 def _die_with_parent(interval: float = 0.5) -> None:

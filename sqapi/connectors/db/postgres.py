@@ -146,10 +146,6 @@ def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else {}
 
 
-def _dict_rows(cursor: Any) -> list[dict[str, Any]]:
-    return [dict(row) for row in cursor.fetchall()]
-
-
 def _status_row(row: dict[str, Any]) -> dict[str, Any]:
     """Timestamps as the ISO text :func:`utcnow` writes, so status rows read alike on every database type."""
     return {k: utcnow_text(v) if isinstance(v, datetime) else v for k, v in row.items()}
@@ -233,11 +229,17 @@ SELECT counted.*, old.status AS old_status FROM counted LEFT JOIN old ON old.uui
 class _Bound:
     """The connection a thread is using, and how deep in transactions / claims it is."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, pinned: bool = False) -> None:
         self.conn = conn
         self.depth = 0
         self.broken = False
         self.held: list[str] = []  # uuids whose advisory locks this connection holds for a claim
+        self.pinned = pinned       # kept by its thread between statements (see Database.pin)
+
+    @property
+    def busy(self) -> bool:
+        """Inside a transaction or a claim (a pinned connection between statements is not)."""
+        return not self.pinned or self.depth > 0 or bool(self.held)
 
 
 class Database(StatusStore):
@@ -372,8 +374,12 @@ class Database(StatusStore):
     def close(self) -> None:
         with self._pool_lock:
             if self._pool is not None:
-                self._pool.closeall()
+                self._pool.closeall()  # pinned connections too
                 self._pool = None
+        bound: _Bound | None = getattr(self._local, "bound", None)
+        if bound is not None and bound.pinned:
+            self._local.bound = None
+            self._slots.release()
 
     def ping(self) -> None:
         self.connect(attempts=1)
@@ -410,11 +416,27 @@ class Database(StatusStore):
         finally:
             self._slots.release()
 
+    def pin(self) -> None:
+        """Keep one connection for the calling thread between statements, instead of one from the pool for each.
+
+        For a thread that is the Database's only user, one statement at a time -- a plugin's worker
+        process -- this saves the pool's locking on every statement.  Statements outside a
+        transaction still commit one by one.  A pinned connection that breaks is replaced."""
+        self._local.pin = True
+
     @contextmanager
     def _bound(self) -> Iterator[_Bound]:
         """The connection bound to this thread, checking one out (and back in) when there is none."""
         bound: _Bound | None = getattr(self._local, "bound", None)
+        if bound is not None and bound.pinned and not bound.busy and (bound.broken or bound.conn.closed):
+            self._local.bound = None  # a broken pinned connection: give it back (closed), pin another
+            self._checkin(bound)
+            bound = None
         if bound is not None:
+            yield bound
+            return
+        if getattr(self._local, "pin", False):
+            bound = self._local.bound = _Bound(self._checkout(), pinned=True)
             yield bound
             return
         bound = _Bound(self._checkout())
@@ -424,6 +446,10 @@ class Database(StatusStore):
         finally:
             self._local.bound = None
             self._checkin(bound)
+
+    def _inside(self) -> bool:
+        bound: _Bound | None = getattr(self._local, "bound", None)
+        return bound is not None and bound.busy
 
     # -- transactions and claims --------------------------------------------------------------
     @contextmanager
@@ -469,7 +495,7 @@ class Database(StatusStore):
         attempts never starve the pool.  Waiting longer than ``claim_timeout`` raises
         :class:`~sqapi.errors.ConnectorError` (the message is retried later).
         """
-        if getattr(self._local, "bound", None) is not None:  # inside a transaction or claim already
+        if self._inside():  # inside a transaction or claim already
             yield
             return
         with super().claim(uuid):
@@ -490,7 +516,7 @@ class Database(StatusStore):
     @contextmanager
     def try_claim(self, uuid: str) -> Iterator[bool]:
         """:meth:`claim` without waiting: yields whether ``uuid`` is held (by this call) or busy elsewhere."""
-        if getattr(self._local, "bound", None) is not None:
+        if self._inside():
             yield True
             return
         with StatusStore.try_claim(self, uuid) as mine:
@@ -510,7 +536,7 @@ class Database(StatusStore):
         every advisory lock.  Yields the uuids held; those another process holds are left out (never waited
         for while holding others), and the processor takes them one by one with :meth:`claim`."""
         wanted = sorted(set(uuids))
-        if getattr(self._local, "bound", None) is not None:  # inside a transaction or claim already
+        if self._inside():  # inside a transaction or claim already
             yield set(wanted)
             return
         with ExitStack() as local:
@@ -523,7 +549,7 @@ class Database(StatusStore):
         """:meth:`claim_many` and :meth:`record_attempts` in one round trip: yields ``{uuid: row as it was}`` for the
         uuids held (``None``: a new message); the others (held by another process) are left out."""
         wanted = sorted({m.uuid for m in messages})
-        if getattr(self._local, "bound", None) is not None:  # inside a transaction or claim already
+        if self._inside():  # inside a transaction or claim already
             with self.claim_many(wanted) as held:
                 chosen = [m for m in messages if m.uuid in held]
                 yield dict(zip([m.uuid for m in chosen], self.record_attempts(chosen, status), strict=True))
@@ -639,11 +665,12 @@ class Database(StatusStore):
         # psycopg2 reads %-escapes only when given parameters; give them whenever the text uses them
         args = params if _PARAMETER.search(statement) else None
         try:
-            with bound.conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cursor:
+            with bound.conn.cursor() as cursor:
                 cursor.execute(statement, args)
                 if cursor.description is None:
                     return None
-                return _dict_rows(cursor)
+                names = [column.name for column in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         except psycopg2.Error as exc:
             self._mark(bound, exc)
             raise self._translate(exc, where, statement) from None
