@@ -495,3 +495,34 @@ def test_a_redelivered_deletion_runs_no_plugin_again(make_app, write_plugin, wor
         assert outcome.status == "DONE"
     assert outcome.skipped and outcome.reason == "already deleted, no plugin run again"
     assert (workdir / "del.log").read_text() == "deleted\n"
+
+
+FAILING = "def execute(config, database, message, metadata, data):\n    raise RuntimeError('not today')\n"
+
+
+def test_the_attempts_column_and_the_given_up_text_count_the_same_attempts(make_app, write_plugin,
+                                                                              write_data) -> None:
+    write_plugin("failing", FAILING)
+    app = make_app({"active_plugins": ["failing"], "msg_broker": {"retry": {"max_attempts": 2}}})
+    location = write_data("a.txt", "x")
+    app.database.record_attempt(app.processor.parser.parse(message("u1", location), "lost"), "QUERYING")
+    # the loader died during that attempt; the broker redelivers the same delivery (its header still says 1)
+    outcome = app.process(message("u1", location), Delivery("redelivered", attempt=1))
+    row = app.database.get_message("u1")
+    assert outcome.status == "FAILED" and row["attempts"] == 2
+    assert outcome.reason == "gave up after 2 attempts: plugin failing: RuntimeError: not today" == row["info"]
+
+
+def test_finished_work_whose_data_changed_counts_its_attempts_anew(make_app, write_plugin, write_data) -> None:
+    write_plugin("picky", "def execute(config, database, message, metadata, data):\n"
+                          "    if data.read() == b'v2':\n        raise RuntimeError('not v2')\n")
+    app = make_app({"active_plugins": ["picky"], "msg_broker": {"retry": {"max_attempts": 3}}})
+    location = write_data("a.txt", "v1")
+    assert app.process(message("u1", location), Delivery("d1")).status == "DONE"
+    assert app.process(message("u1", location), Delivery("d2")).reason == "already done, no plugin run again"
+    assert app.database.get_message("u1")["attempts"] == 2
+    write_data("a.txt", "v2")
+    outcome = app.process(message("u1", location), Delivery("d3"))
+    row = app.database.get_message("u1")
+    assert outcome.status == "RETRY" and row["attempts"] == 1
+    assert row["info"] == "attempt 1 of 3 failed, retrying in 1s: plugin picky: RuntimeError: not v2"

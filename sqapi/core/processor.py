@@ -79,6 +79,7 @@ class _Work:
     delivery: Delivery
     message: Message
     previous: dict[str, Any] | None = None
+    attempt: int = 1  # this attempt's number, as the status row counts them (see _attempt_number)
     local: LocalCopy | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     path: str = os.devnull
@@ -92,6 +93,18 @@ class _Work:
     retrying: set[str] = field(default_factory=set)  # plugins that failed and will be retried
     final: tuple[Message, str, str | None] | None = None  # the status to record
     outcome: Outcome | None = None
+
+
+def _attempt_number(delivery: Delivery, previous: dict[str, Any] | None) -> int:
+    """This attempt's number as the ``attempts`` column counts it, so that "attempt N of M" and "gave up after N
+    attempts" say what the status row says.
+
+    Every attempt counts, a redelivery after a crash included; the delivery's own count (the
+    listener's retry header, or file name) is the floor.  Finished work starts a new count: the
+    DONE row's attempts are those of the work it finished."""
+    if previous is None or previous["status"] == DONE:
+        return delivery.attempt
+    return max(delivery.attempt, int(previous.get("attempts") or 0) + 1)
 
 
 class _Progress:
@@ -271,9 +284,10 @@ class Processor:
         try:
             for w, row in zip(work, previous, strict=True):
                 w.previous = row
+                w.attempt = _attempt_number(w.delivery, row)
                 if w.message.action == DELETE and row is not None and row["status"] == DONE \
                         and row.get("hash_digest") == DELETED:
-                    outcomes[w.index] = Outcome(w.message.uuid, DONE, Action.ACK, attempt=w.delivery.attempt,
+                    outcomes[w.index] = Outcome(w.message.uuid, DONE, Action.ACK, attempt=w.attempt,
                                                 reason="already deleted, no plugin run again", skipped=True)
                 elif w.message.action == DELETE:
                     self._prepare_delete(w)
@@ -286,10 +300,13 @@ class Processor:
                     assert w.outcome is not None
                     outcomes[w.index] = w.outcome
             # plugin rows from other data (an earlier hash) must not count as done for this data
-            stale = [w.message.uuid for w in running
-                     if w.message.action == PROCESS and w.previous is not None and not w.resume]
+            stale = [w for w in running if w.message.action == PROCESS and w.previous is not None and not w.resume]
             if stale:
-                self.database.forget_plugin_rows(stale)
+                self.database.forget_plugin_rows([w.message.uuid for w in stale])
+            # finished work whose data changed starts counting its attempts again
+            restarted = {w.message.uuid: w.attempt for w in stale if w.previous and w.previous["status"] == DONE}
+            if restarted:
+                self.database.restart_attempts(restarted)
             # the hash goes with the first plugin rows (or before): a crash then resumes, never re-runs
             progress = _Progress(self.database, running)
             if any(self.runner.inline(p) for w in running for p in w.plugins):  # no time to write it later
@@ -350,7 +367,7 @@ class Processor:
         if not w.failures:
             info = "deleted" if w.message.action == DELETE else None
             w.final = (w.message, DONE, info)
-            w.outcome = Outcome(w.message.uuid, DONE, Action.ACK, reason=info, attempt=w.delivery.attempt)
+            w.outcome = Outcome(w.message.uuid, DONE, Action.ACK, reason=info, attempt=w.attempt)
             return
         reason = "; ".join(f"plugin {f.plugin}: {f.reason}" for f in w.failures)
         self._fail(w, reason, any(f.retryable for f in w.failures), w.failures[0].plugin)
@@ -388,19 +405,18 @@ class Processor:
 
     def _fail(self, w: _Work, reason: str, retryable: bool, plugin: str | None) -> None:
         """Set the outcome of a failed attempt, and the status to record: RETRY while attempts remain, else FAILED."""
-        delivery, message = w.delivery, w.message
-        if retryable and self.policy.may_retry(delivery.attempt):
-            delay = self.policy.delay_for(delivery.attempt)
-            info = f"attempt {delivery.attempt} of {self.policy.max_attempts} failed, retrying in {delay:g}s: {reason}"
+        attempt, message = w.attempt, w.message
+        if retryable and self.policy.may_retry(attempt):
+            delay = self.policy.delay_for(attempt)
+            info = f"attempt {attempt} of {self.policy.max_attempts} failed, retrying in {delay:g}s: {reason}"
             w.final = (message, RETRY, info)
             w.outcome = Outcome(message.uuid, RETRY, Action.RETRY, reason=reason, plugin=plugin, delay=delay,
-                                attempt=delivery.attempt)
+                                attempt=attempt)
             return
         if retryable:
-            reason = f"gave up after {delivery.attempt} attempt{'s' if delivery.attempt > 1 else ''}: {reason}"
+            reason = f"gave up after {attempt} attempt{'s' if attempt > 1 else ''}: {reason}"
         w.final = (message, FAILED, reason)
-        w.outcome = Outcome(message.uuid, FAILED, Action.DEAD_LETTER, reason=reason, plugin=plugin,
-                            attempt=delivery.attempt)
+        w.outcome = Outcome(message.uuid, FAILED, Action.DEAD_LETTER, reason=reason, plugin=plugin, attempt=attempt)
 
     def _run_plugins(self, running: list[_Work], progress: _Progress) -> list[dict[str, Any]]:
         """Run each plugin, in order, over every message in ``running`` that it takes; record its rows at once.
@@ -415,7 +431,7 @@ class Processor:
             if w.resume:
                 w.done_before = {row["plugin"]: row for row in self.database.get_plugin_rows(w.message.uuid)
                                  if row["status"] == DONE and not result_was_omitted(row.get("result"))}
-            w.may_retry = self.policy.may_retry(w.delivery.attempt)
+            w.may_retry = self.policy.may_retry(w.attempt)
         order: list[Plugin] = []
         seen: set[str] = set()
         for w in running:

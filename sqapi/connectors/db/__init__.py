@@ -362,6 +362,11 @@ class StatusStore:
         placeholders = ", ".join(f"%({name})s" for name in names)
         self.execute_query(f"DELETE FROM message_plugins WHERE uuid IN ({placeholders})", **names)
 
+    def restart_attempts(self, attempts: dict[str, int]) -> None:
+        """Set the ``attempts`` of these messages (uuid -> count): finished work whose data changed counts anew."""
+        self.execute_many("UPDATE messages SET attempts = %(n)s WHERE uuid = %(uuid)s",
+                          [{"uuid": uuid, "n": n} for uuid, n in attempts.items()])
+
     def get_message(self, uuid: str) -> dict[str, Any] | None:
         rows = self.execute_query("SELECT * FROM messages WHERE uuid = %(uuid)s", uuid=uuid)
         return rows[0] if rows else None
