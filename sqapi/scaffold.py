@@ -37,7 +37,13 @@ _CONFIG = """# Merged over the main config for this plugin only.
 plugin:
   mime_types: []      # e.g. [application/pdf, 'text/*']; empty: every type
   after: []           # plugins whose results this one needs (message.results)
-  timeout: 60         # seconds
+  timeout: 60         # seconds; a call still running then has its worker process killed
+  # Calls run in worker processes, one at a time in each (up to concurrency at once); a crash
+  # fails only that call.  A plugin whose code is thread-safe may run on the loader's threads:
+  # thread_safe: true
+  # isolation: thread
+  # concurrency: 4    # worker processes at most (default: processing.workers)
+  # max_memory: 1GB   # a call that needs more fails with MemoryError
 """
 
 _INIT_SQL = """CREATE TABLE IF NOT EXISTS {name}_items (
@@ -70,7 +76,7 @@ def get_item(uuid_ref: str):  # type: ignore[no-untyped-def]
 
 _TEST = '''from pathlib import Path
 
-from sqapi.testing import run_plugin
+from sqapi.testing import blueprint_client, run_plugin
 
 PLUGIN = Path(__file__).resolve().parents[1]
 
@@ -80,6 +86,13 @@ def test_the_plugin_records_the_first_bytes_of_the_data(tmp_path):
     assert run.result == {{"first_bytes": 11}}
     rows = run.database.execute_query("SELECT * FROM {name}_items")
     assert rows == [{{"uuid_ref": run.message.uuid, "first_bytes": 11}}]
+
+
+def test_its_endpoint_serves_what_it_recorded(tmp_path):
+    run = run_plugin(PLUGIN, data=b"hello", tmp_path=tmp_path, uuid="item-1")
+    client = blueprint_client(run.plugin)
+    assert client.get("/{name}/item-1").get_json() == {{"uuid_ref": "item-1", "first_bytes": 5}}
+    assert client.get("/{name}/no-such-item").status_code == 404
 '''
 
 

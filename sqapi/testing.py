@@ -1,28 +1,45 @@
-"""Helpers for testing plugins as plain functions, with sqapi's own loading and database.
+"""Helpers for testing a plugin as a plain function, with sqapi's own loading and database.
 
 ::
 
-    from sqapi.testing import run_plugin
+    from sqapi.testing import blueprint_client, run_plugin
 
     def test_it(tmp_path):
         run = run_plugin("plugins/sizes", data=b"abc", metadata={"a": 1}, tmp_path=tmp_path)
         assert run.result == {"metadata_size": 1, "data_size": 3}
+        assert run.database.execute_query("SELECT data_size FROM sizes") == [{"data_size": 3}]
 
-The plugin is loaded exactly as the loader would (its ``config.yml`` merged, its init script
-run against a fresh SQLite database, its ``execute`` signature checked), then called once.
+    def test_its_endpoint(tmp_path):
+        run = run_plugin("plugins/sizes", data=b"abc", tmp_path=tmp_path, uuid="u1")
+        client = blueprint_client(run.plugin)
+        assert client.get("/sizes/u1").get_json()["data_size"] == 3
+
+The plugin is loaded exactly as the loader loads it -- its ``config.yml`` merged over sqapi's
+embedded default (and ``config``), its ``execute`` signature checked, its init script run --
+against a PostgreSQL database: the embedded server sqapi runs itself (no server to install),
+one per test session (in the folder above pytest's ``tmp_path``, or ``$SQAPI_EMBEDDED_DIR``),
+in a schema of each ``tmp_path``'s own: the loads of one test share their tables, and tests
+never see each other's rows.
+``run_plugin`` then calls ``execute`` once, in the test's own process, so that a debugger
+and coverage see it (the loader runs it in a worker process; the arguments are the same).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flask import Flask
+from flask.testing import FlaskClient
+
+from sqapi.app import database_factory
 from sqapi.config import Config, deep_merge, load_config
-from sqapi.connectors.db.sqlite import Database
-from sqapi.core.content import guess_mime, sha256_of
+from sqapi.core.content import mime_type, sha256_of
 from sqapi.core.message import Message
 from sqapi.core.plugins import ACTIVE, Plugin, _load_one
 
@@ -35,14 +52,27 @@ class PluginRun:
     database: Any
 
 
+def test_database(tmp_path: Path) -> dict[str, Any]:
+    """A ``database`` section for the schema of ``tmp_path`` (one per test) in the session's embedded PostgreSQL."""
+    folder = Path(tmp_path).resolve()
+    directory = os.environ.get("SQAPI_EMBEDDED_DIR") or str(folder.parent / "sqapi-postgres")
+    return {"type": "postgres", "embedded": {"directory": directory},
+            "schema": f"plugin_test_{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}"}
+
+
+test_database.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test for pytest to collect
+
+
 def load_plugin(directory: str | Path, tmp_path: Path, config: dict[str, Any] | None = None) -> Plugin:
-    """Load the plugin folder ``directory`` against a SQLite database in ``tmp_path``."""
+    """Load the plugin folder ``directory`` as the loader would, on a fresh schema of the embedded PostgreSQL.
+
+    ``config`` is merged over sqapi's embedded default first (``custom``, ``plugin``, a
+    ``database`` section of your own...)."""
     directory = Path(directory).resolve()
     main = load_config(env={})
-    merged = Config(deep_merge(main, {"database": {"type": "sqlite", "path": str(tmp_path / "plugin.db")},
-                                      **(config or {})}))
+    merged = Config(deep_merge(deep_merge(main, {"database": test_database(tmp_path)}), config or {}))
     plugin = Plugin(name=directory.name, directory=directory)
-    _load_one(plugin, merged, lambda section: Database(section))
+    _load_one(plugin, merged, database_factory(merged))
     if plugin.state != ACTIVE:
         raise AssertionError(f"plugin {plugin.name} did not load: {plugin.reason}")
     return plugin
@@ -51,7 +81,10 @@ def load_plugin(directory: str | Path, tmp_path: Path, config: dict[str, Any] | 
 def run_plugin(directory: str | Path, data: bytes, tmp_path: Path, metadata: dict[str, Any] | None = None,
                config: dict[str, Any] | None = None, results: dict[str, Any] | None = None,
                **fields: Any) -> PluginRun:
-    """Load the plugin and call its ``execute`` once on ``data``; returns what it returned and its database."""
+    """Load the plugin and call its ``execute`` once on ``data``; returns what it returned and its database.
+
+    ``fields`` set the message's own (``uuid``, ``type``, ``data_location``, ``body``...);
+    ``results`` are the earlier plugins' results it receives (``message.results``)."""
     plugin = load_plugin(directory, tmp_path, config)
     path = tmp_path / "data.bin"
     path.write_bytes(data)
@@ -59,9 +92,26 @@ def run_plugin(directory: str | Path, data: bytes, tmp_path: Path, metadata: dic
                       data_location=fields.pop("data_location", str(path)), metadata=metadata,
                       body=fields.pop("body", {}), results=dict(results or {}), **fields)
     message.hash_digest = sha256_of(str(path))
-    message.type = message.type or guess_mime(str(path))
+    message.type = message.type or mime_type(str(path), message.data_location, metadata)
     assert plugin.module is not None
     with open(path, "rb") as handle:
         result = plugin.module.execute(plugin.config, plugin.database, message, dict(metadata or {}),
                                        io.BufferedReader(handle))
     return PluginRun(plugin=plugin, message=message, result=result, database=plugin.database)
+
+
+def blueprint_client(*plugins: Plugin) -> FlaskClient:
+    """A Flask test client serving these plugins' blueprints as ``sqapi api`` does.
+
+    ``current_app.config[name]`` is the plugin's config and ``current_app.database[name]`` its
+    database, as in the API; a blueprint that failed to import is an ``AssertionError`` here."""
+    app = Flask("sqapi-plugin-test")
+    app.database = {}  # type: ignore[attr-defined]
+    for plugin in plugins:
+        if plugin.blueprint_errors:
+            raise AssertionError(f"plugin {plugin.name}: {'; '.join(plugin.blueprint_errors)}")
+        app.config[plugin.name] = plugin.config
+        app.database[plugin.name] = plugin.database  # type: ignore[attr-defined]
+        for bp in plugin.blueprints:
+            app.register_blueprint(bp)
+    return app.test_client()

@@ -164,10 +164,15 @@ def test_new_plugin_scaffolds_a_plugin_whose_own_test_passes(workdir: Path) -> N
     assert result.returncode == 0, result.stderr
     folder = workdir / "plugins" / "word_count"
     assert (folder / "__init__.py").exists() and (folder / "scripts" / "init.sql").exists()
-    test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
-                          cwd=workdir, capture_output=True, text=True, timeout=120)
+    # as a plugin author runs it: no sqapi variables, so sqapi.testing starts an embedded PostgreSQL of its own
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQAPI_")}
+    test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+                           str(workdir / "author-tmp"), str(folder / "tests")],
+                          cwd=workdir, capture_output=True, text=True, timeout=180, env=env)
     assert test.returncode == 0, test.stdout + test.stderr
-    assert "1 passed" in test.stdout
+    assert "2 passed" in test.stdout
+    assert (workdir / "author-tmp" / "sqapi-postgres" / "data" / "PG_VERSION").exists()  # one for the session
+    assert postgres_servers_of(workdir) == []  # stopped when the test run ended
     listed = sqapi("plugins", cwd=workdir).stdout
     assert any(line.startswith("word_count") and "active" in line for line in listed.splitlines())
     again = sqapi("new-plugin", "word_count", cwd=workdir)

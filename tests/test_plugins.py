@@ -282,3 +282,15 @@ def test_a_requested_plugin_that_failed_to_load_stops_the_loader_but_not_the_lis
     listed = subprocess.run([sqapi, "-c", "cfg.yml", "plugins"], cwd=workdir, capture_output=True, text=True,
                             timeout=60)
     assert listed.returncode == 0 and "not_installed_anywhere" in listed.stdout
+
+
+def test_sqapi_testing_serves_a_plugins_blueprint_on_its_own_database(tmp_path) -> None:
+    from sqapi.testing import blueprint_client, run_plugin
+
+    run = run_plugin(Path(__file__).parents[1] / "plugins" / "sizes", data=b"abcd", tmp_path=tmp_path, uuid="s-1")
+    assert run.database.describe().startswith("the embedded PostgreSQL in ")
+    client = blueprint_client(run.plugin)
+    assert client.get("/sizes/s-1").get_json()["data_size"] == 4
+    assert client.get("/sizes/larger/3").get_json() == [{"uuid_ref": "s-1", "data_location": str(tmp_path / "data.bin"),
+                                                         "data_size": 4}]
+    assert client.get("/sizes/unknown").status_code == 404
