@@ -118,7 +118,7 @@ def main(ctx: click.Context, config_path: str | None, log_level: str | None, jso
     """sqapi: receive messages that point at data, run plugins on the data, record every outcome.
 
     \b
-    Quick tour (on the embedded default: spool folder, local files, SQLite):
+    Quick tour (on the embedded default: spool folder, local files, a PostgreSQL sqapi runs itself):
       sqapi process samples/messages.jsonl   process messages now, one status line each
       sqapi run                              consume the spool folder (.sqapi/spool) and serve the API
       sqapi api                              only the API: dashboard on http://127.0.0.1:5000/
