@@ -128,3 +128,56 @@ def test_status_commands_on_a_folder_never_set_up_create_nothing(tmp_path: Path)
     database = Database({"type": "postgres", "embedded": {"directory": str(tmp_path / "pg")}})
     assert database.has_status_tables() is False
     assert not (tmp_path / "pg").exists()
+
+
+def test_a_socket_folder_someone_else_made_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / ("deep" * 20)  # long enough for the socket to go to a folder in /tmp
+    layout = _embedded.Layout(folder)
+    layout.socket_dir.mkdir(mode=0o777)
+    layout.socket_dir.chmod(0o777)  # as another user could have made it, open to all
+    try:
+        database = Database({"type": "postgres", "embedded": {"directory": str(folder)},
+                             "connect_retry": {"attempts": 1}})
+        from sqapi.errors import ConnectorError
+
+        with pytest.raises(ConnectorError, match="is not a private folder of this user"):
+            database.ping()
+        database.close()
+    finally:
+        layout.socket_dir.rmdir()
+
+
+def test_only_its_own_user_may_use_the_socket(tmp_path: Path) -> None:
+    folder = tmp_path / "pg"
+    user = start_user(folder)
+    try:
+        socket = _embedded.Layout(folder).socket_dir / ".s.PGSQL.5432"
+        assert socket.stat().st_mode & 0o777 == 0o700
+        assert (folder.stat().st_mode & 0o077) == 0
+    finally:
+        user.communicate(timeout=30)
+
+
+def test_a_server_that_died_is_started_again_by_the_next_connection(tmp_path: Path) -> None:
+    from sqapi.errors import ConnectorError
+
+    folder = tmp_path / "pg"
+    database = Database({"type": "postgres", "embedded": {"directory": str(folder)}})
+    try:
+        database.execute_query("CREATE TABLE survivors (x INTEGER)")
+        database.execute_query("INSERT INTO survivors VALUES (1)")
+        first = server_pid(folder)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: not (folder / "keeper.pid").exists()), "the keeper did not notice"
+        answers = []
+        for _ in range(20):  # the pool's connections to the dead server fail one by one, then a new one starts
+            try:
+                answers = database.execute_query("SELECT x FROM survivors")
+                break
+            except ConnectorError:
+                time.sleep(0.1)
+        assert answers == [{"x": 1}]
+        assert server_pid(folder) not in (None, first)
+    finally:
+        database.close()

@@ -526,3 +526,20 @@ def test_finished_work_whose_data_changed_counts_its_attempts_anew(make_app, wri
     row = app.database.get_message("u1")
     assert outcome.status == "RETRY" and row["attempts"] == 1
     assert row["info"] == "attempt 1 of 3 failed, retrying in 1s: plugin picky: RuntimeError: not v2"
+
+
+def test_a_deletion_of_finished_work_counts_its_own_attempts(make_app, write_plugin, write_data) -> None:
+    write_plugin("remover", "def execute(config, database, message, metadata, data):\n"
+                            "    if message.action == 'delete':\n        raise RuntimeError('index down')\n",
+                 config={"plugin": {"actions": ["process", "delete"]}})
+    app = make_app({"active_plugins": ["remover"], "msg_broker": {"retry": {"max_attempts": 3}}})
+    location = write_data("a.txt", "x")
+    assert app.process(message("u1", location), Delivery("d1")).status == "DONE"
+    for n in (2, 3):
+        app.process(message("u1", location), Delivery(f"d{n}"))  # redeliveries of finished work count too
+    assert app.database.get_message("u1")["attempts"] == 3
+    first = app.process(message("u1", location, action="delete"), Delivery("del-1"))
+    assert first.status == "RETRY" and app.database.get_message("u1")["attempts"] == 1
+    second = app.process(message("u1", location, action="delete"), Delivery("del-2", attempt=2))
+    assert second.status == "RETRY" and app.database.get_message("u1")["attempts"] == 2
+    assert app.database.get_message("u1")["info"].startswith("attempt 2 of 3 failed")

@@ -16,7 +16,7 @@ import pytest
 
 from sqapi.app import Sqapi
 from sqapi.core.outcome import Delivery
-from sqapi.core.plugins import plugin_database_section
+from sqapi.core.plugins import commits_safely_without_waiting, plugin_database_section
 
 SQAPI = str(Path(sys.executable).with_name("sqapi"))
 
@@ -188,14 +188,16 @@ def test_a_plugin_naming_no_database_shares_the_main_server_without_waiting_for_
     section = plugin_database_section(MAIN, {})
     assert section["connection"] == MAIN["connection"] and section["schema"] == "status"
     assert "init" not in section  # the core's init script is not the plugin's
-    assert section["synchronous_commit"] == "off"
-    assert plugin_database_section({**MAIN, "synchronous_commit": "on"}, {})["synchronous_commit"] == "on"
+    assert commits_safely_without_waiting(MAIN, {}) is True
+    assert commits_safely_without_waiting({**MAIN, "synchronous_commit": "on"}, {}) is False
+    assert commits_safely_without_waiting(MAIN, {"connection": {"host": "other.example"}}) is False
+    assert commits_safely_without_waiting({"type": "sqlite", "path": "x.db"}, {}) is False
 
 
 def test_a_plugin_naming_its_own_server_gets_nothing_of_the_main_connection() -> None:
     section = plugin_database_section(MAIN, {"connection": {"host": "other.example", "user": "plugin"}})
     assert section["connection"] == {"host": "other.example", "user": "plugin"}  # no main password in it
-    assert section["pool"] == {"max": 10} and "synchronous_commit" not in section
+    assert section["pool"] == {"max": 10}
     section = plugin_database_section(MAIN, {"dsn": "postgresql://plugin@other.example/p"})
     assert "connection" not in section and section["dsn"] == "postgresql://plugin@other.example/p"
 
@@ -203,3 +205,15 @@ def test_a_plugin_naming_its_own_server_gets_nothing_of_the_main_connection() ->
 def test_a_plugin_naming_another_type_gets_exactly_its_own_section() -> None:
     own = {"type": "elasticsearch", "connection": [{"host": "es", "port": "9200"}], "kwargs": {}}
     assert plugin_database_section(MAIN, own) == own
+
+
+def test_only_the_plugins_worker_commits_without_waiting_for_the_disk(
+        make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str]) -> None:
+    write_plugin("syncs", "def execute(config, database, message, metadata, data):\n"
+                          "    return database.execute_query('SHOW synchronous_commit')[0]\n")
+    app = make_app({"active_plugins": ["syncs"]})
+    assert app.process(body("u1", write_data("a.txt", "x")), Delivery("d")).status == "DONE"
+    assert json.loads(app.database.get_plugin_rows("u1")[0]["result"]) == {"synchronous_commit": "off"}
+    # the same plugin's Database in the loader (its blueprints in the API) waits for the disk as the server says
+    assert app.plugins.plugins["syncs"].database.execute_query("SHOW synchronous_commit") == [
+        {"synchronous_commit": "on"}]

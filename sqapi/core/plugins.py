@@ -77,6 +77,7 @@ class Plugin:
     concurrency: int | None = None     # worker processes at most (None: processing.workers)
     max_memory: int | None = None      # bytes, per worker process
     database_section: dict[str, Any] | None = None  # what its Database was built from (``type`` included)
+    async_commit: bool = False         # its worker processes may commit without waiting for the disk
     entry_point: str | None = None     # ``module:attr`` of a plugin installed as a package
     builtin: bool = False              # shipped with sqapi (in sqapi's own plugins/)
     shadowed: list[str] = field(default_factory=list)  # other plugins of this name, not used
@@ -256,6 +257,7 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
         if callable(check):
             check(plugin.config)
         plugin.database = _plugin_database(plugin, own, make_database)
+        plugin.async_commit = commits_safely_without_waiting(main.get("database") or {}, own.get("database") or {})
     except PluginNotConfigured as exc:
         plugin.state, plugin.reason = UNLOADED, f"not configured: {exc}"
         return
@@ -317,13 +319,6 @@ def plugin_database_section(main: Mapping[str, Any], own: Mapping[str, Any]) -> 
       ``path``, ``hosts``): the main section's other settings (pool, timeouts, schema) with the
       plugin's connection alone -- the main connection's host or password never leaks into it.
     * The same type with only other settings: those merged over the main section.
-
-    A plugin whose writes go to the status database's own PostgreSQL commits them without
-    waiting for the disk (``synchronous_commit: off``, unless either config says otherwise): a
-    plugin's call returns before sqapi records it DONE, and that record's commit waits for the
-    disk -- which makes every earlier commit of that server durable too (one WAL, written in
-    order).  So nothing is recorded DONE whose plugin rows a crash could lose, and a plugin that
-    writes a row per message does not wait for a disk flush per message.
     """
     if not isinstance(own, Mapping):
         raise ValueError(f"database in the plugin's config.yml must be a mapping, not {type(own).__name__}")
@@ -336,9 +331,24 @@ def plugin_database_section(main: Mapping[str, Any], own: Mapping[str, Any]) -> 
         base = {k: v for k, v in base.items() if k not in _WHERE_KEYS}
     section = deep_merge(base, own)
     section["type"] = own_type or main.get("type")
-    if same_server and section["type"] in ("postgres", "postgresql") and section.get("synchronous_commit") is None:
-        section["synchronous_commit"] = "off"
     return section
+
+
+def commits_safely_without_waiting(main: Mapping[str, Any], own: Mapping[str, Any]) -> bool:
+    """Whether a plugin's calls may commit their writes without waiting for the disk (``synchronous_commit: off``).
+
+    True for a plugin whose writes go to the status database's own PostgreSQL, neither config
+    saying otherwise: a call returns before sqapi records it DONE, and that record's commit waits
+    for the disk -- which makes every earlier commit of the server durable too (one WAL, written
+    in order).  So nothing is recorded DONE whose plugin rows a crash could lose, and a plugin
+    writing a row per message does not wait for a disk flush per message.  Only the plugin's
+    worker processes use it: writes made elsewhere (its blueprints in the API) wait as usual.
+    """
+    if own.get("type") not in (None, main.get("type")) or main.get("type") not in ("postgres", "postgresql"):
+        return False
+    if any(own.get(key) is not None for key in _WHERE_KEYS):
+        return False
+    return main.get("synchronous_commit") is None and own.get("synchronous_commit") is None
 
 
 def import_plugin_folder(name: str, directory: Path) -> types.ModuleType:

@@ -303,8 +303,9 @@ class Processor:
             stale = [w for w in running if w.message.action == PROCESS and w.previous is not None and not w.resume]
             if stale:
                 self.database.forget_plugin_rows([w.message.uuid for w in stale])
-            # finished work whose data changed starts counting its attempts again
-            restarted = {w.message.uuid: w.attempt for w in stale if w.previous and w.previous["status"] == DONE}
+            # finished work taken up again (new data, a deletion) counts its attempts anew, as _attempt_number did
+            restarted = {w.message.uuid: w.attempt for w in running + finals
+                         if w.previous is not None and w.previous["status"] == DONE}
             if restarted:
                 self.database.restart_attempts(restarted)
             # the hash goes with the first plugin rows (or before): a crash then resumes, never re-runs

@@ -110,7 +110,11 @@ class PluginRunner:
         if not calls:
             return []
         if plugin.isolation == PROCESS:
-            return self._pool(plugin).run(calls, on_slow)
+            try:
+                pool = self._pool(plugin)
+            except RuntimeError as exc:  # closed: sqapi is stopping
+                return [(None, PluginFailed(f"plugin {plugin.name}: {exc}", retryable=True), 0.0)] * len(calls)
+            return pool.run(calls, on_slow)
         return self._threads.run(plugin, calls, on_slow)
 
     def close(self) -> None:
@@ -139,6 +143,8 @@ SLOW_AFTER = 0.2
 QUICK_CALL = 0.005
 #: calls sent to a worker at once, at most
 MAX_SHARE = 256
+#: seconds between looks for a free worker while calls of a batch wait and every worker is busy
+PENDING_POLL = 0.05
 
 
 # -- worker processes ------------------------------------------------------------------------------
@@ -227,9 +233,13 @@ class WorkerPool:
         """A fresh interpreter for this plugin (never a fork of the loader, with its threads and connections)."""
         ours, theirs = socket.socketpair()
         try:
+            # a session of its own: a kill reaches the programs the plugin started too (see _kill)
             process = subprocess.Popen([sys.executable, "-m", "sqapi.core.worker", str(theirs.fileno())],
                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-                                       cwd=os.getcwd(), env=dict(os.environ))
+                                       cwd=os.getcwd(), env=dict(os.environ), start_new_session=True)
+        except OSError as exc:
+            ours.close()
+            raise PluginFailed(f"its worker process could not start: {exc.strerror or exc}", retryable=True) from None
         finally:
             theirs.close()
         parent = Connection(ours.detach())
@@ -389,13 +399,19 @@ class _Batch:
 
     # -- in ------------------------------------------------------------------------------------
     def _take_in(self) -> None:
+        """Wait for answers (or for the next thing to do: a timeout, a call to take back, a worker to come free)."""
         now = time.monotonic()
         wakes = [self.slow_at]
         for job in self.assigned.values():
+            if not job.queue:
+                continue  # only a withdrawal's answer to come: wait for it
             if self.timeout is not None:
                 wakes.append(job.head_started + self.timeout)
-            if not job.withdrawing and (len(job.queue) > 1 or self.pending):
+            take_back = len(job.queue) > 1 and not job.withdrawing
+            if (take_back or self.pending) and job.head_started + SLOW_AFTER > now:
                 wakes.append(job.head_started + SLOW_AFTER)
+        if self.pending:  # a worker another batch frees, or one to start: look again soon
+            wakes.append(now + PENDING_POLL)
         wake = min(wakes)
         ready = multiprocessing.connection.wait(list(self.assigned), None if wake == float("inf")
                                                 else max(0.0, wake - now))
@@ -406,7 +422,7 @@ class _Batch:
         for job in list(self.assigned.values()):
             if self.timeout is not None and job.queue and now >= job.head_started + self.timeout:
                 self._timed_out(job, now)
-            elif job.queue and len(job.queue) > 1 and not job.withdrawing and now - job.head_started >= SLOW_AFTER:
+            elif len(job.queue) > 1 and not job.withdrawing and now - job.head_started >= SLOW_AFTER:
                 try:  # the calls behind a slow one go back, to be handed to other workers
                     job.worker.conn.send(("withdraw",))
                     job.withdrawing = True
@@ -421,7 +437,7 @@ class _Batch:
         while True:
             try:
                 message = job.worker.conn.recv()
-            except (EOFError, OSError):
+            except Exception:  # the socket closed (the worker died), or what came is not an answer
                 self._lost(job)
                 return
             if message[0] == "withdrawn":
@@ -503,9 +519,14 @@ def _wait(process: subprocess.Popen[bytes]) -> None:
 
 
 def _kill(worker: _Worker) -> None:
+    """SIGKILL the worker and everything it started (its process group), then reap it."""
+    try:
+        os.killpg(worker.process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     if worker.process.poll() is None:
         worker.process.kill()
-        _wait(worker.process)
+    _wait(worker.process)
     worker.conn.close()
 
 
@@ -529,7 +550,8 @@ def _spec_of(plugin: Plugin) -> WorkerSpec:
         directory=str(plugin.directory) if plugin.directory is not None and plugin.entry_point is None else None,
         entry_point=plugin.entry_point,
         config=plugin.config,
-        database=plugin.database_section,
+        database=None if plugin.database_section is None else {
+            **plugin.database_section, **({"synchronous_commit": "off"} if plugin.async_commit else {})},
         max_memory=plugin.max_memory,
         sys_path=list(sys.path),
         log_level=level,
@@ -638,6 +660,7 @@ class ThreadCalls:
                 deadline = starts[count] + timeout
                 if time.monotonic() >= deadline:
                     abandoned[0] = True
+                    self._overdue_changed(plugin.name, +1)  # under the guard: its -1 cannot come first
                     taken = list(done)
                     break
             if time.monotonic() >= slow_at[0]:
@@ -645,7 +668,6 @@ class ThreadCalls:
                 slow_at[0] = float("inf")
             wake = min(deadline, slow_at[0])
             finished.wait(max(0.0, wake - time.monotonic()))
-        self._overdue_changed(plugin.name, +1)
         return taken + [(None, PluginTimeout(f"timed out after {timeout:g}s"), time.monotonic() - starts[count])]
 
     def _overdue_changed(self, name: str, delta: int) -> None:

@@ -9,12 +9,9 @@ directory and environment, and talks to each over a socket (``FD``, framed and p
   and builds its Database from the spec, then answers ``("ready", pid)`` or
   ``("failed", reason)``;
 * ``("run", [(seq, call), ...])``: the calls join the worker's queue; it runs them one after the
-  other and answers each -- ``("done", seq, result, seconds, ended_at)`` or ``("error", seq,
-  reason, retryable, traceback, seconds, ended_at, recycle)`` -- in ``("answers", [...])``: the
-  answers of quick calls go together (up to :data:`FLUSH_COUNT`, held at most
-  :data:`FLUSH_AFTER` seconds), so that a batch of quick calls costs a few messages, not one per
-  call.  (A worker that crashes loses the answers it held: those calls run again elsewhere -- at
-  least once, as everywhere in sqapi.)  With ``recycle`` (a ``MemoryError``) it exits after
+  other and answers each as it ends, before the next starts -- ``("answers", [("done", seq,
+  result, seconds, ended_at)])`` or ``("answers", [("error", seq, reason, retryable, traceback,
+  seconds, ended_at, recycle)])``.  With ``recycle`` (a ``MemoryError``) it exits after
   answering, since its heap may be in no state to go on;
 * ``("withdraw",)``: the calls queued and not yet started are given back at once --
   ``("withdrawn", [seq, ...])`` -- even while a call runs (a reader thread answers);
@@ -155,29 +152,15 @@ class _Inbox:
             return self.calls.popleft() if self.calls and not self.stopping else None
 
 
-#: answers of quick calls go back together: at most this many at once, and none held longer than FLUSH_AFTER
-#: seconds; a call that takes longer, an empty queue or a stop sends what is held at once
-FLUSH_COUNT = 32
-FLUSH_AFTER = 0.002
-
-
 def _serve(conn: Connection, spec: WorkerSpec, module: types.ModuleType, database: Any) -> None:
+    """Run the calls as they come, answering each before the next starts: when a call crashes or hangs, every
+    call before it has been answered, so the loader blames the right one and runs nothing twice."""
     from sqapi.config import Config
 
     config = spec.config if isinstance(spec.config, Config) else Config(spec.config)
     inbox = _Inbox(conn)
     threading.Thread(target=inbox.read, name="sqapi-worker-reader", daemon=True).start()
-    held: list[tuple[Any, ...]] = []
-    held_since = 0.0
-    while True:
-        job = inbox.next_nowait()
-        if job is None:  # nothing queued: say what is held before waiting
-            if held:
-                inbox.send_all(held)
-                held = []
-            job = inbox.next()
-            if job is None:
-                return
+    while (job := inbox.next()) is not None:
         seq, call = job
         started = time.monotonic()
         recycle = False
@@ -189,16 +172,10 @@ def _serve(conn: Connection, spec: WorkerSpec, module: types.ModuleType, databas
             recycle = isinstance(exc, MemoryError)
             reason = describe_error(exc)
             if recycle and spec.max_memory:
-                reason += f" (over plugin.max_memory, {spec.max_memory // (1 << 20)} MiB)"
+                reason = f"MemoryError (over plugin.max_memory, {spec.max_memory // (1 << 20)} MiB)"
             reply = ("error", seq, reason, is_retryable(exc), "".join(traceback.format_exception(exc)),
                      time.monotonic() - started, time.monotonic(), recycle)
-        if not held:
-            held_since = started
-        held.append(reply)
-        now = time.monotonic()
-        if recycle or len(held) >= FLUSH_COUNT or now - held_since >= FLUSH_AFTER:
-            inbox.send_all(held)
-            held = []
+        inbox.send_all([reply])
         if recycle:
             return
 

@@ -24,8 +24,11 @@ the last one exits:
   whether any user remains: once ``users.lock`` can be locked exclusively, it stops the server
   (a fast shutdown) and exits.  The kernel drops a process's lock when the process ends,
   however it ends, so a killed user never keeps the server alive.
-* A process that exits normally and was the last user stops the keeper itself before it
-  exits, so ``sqapi process`` leaves nothing running when it returns.
+* A process that exits normally and was the last user asks the keeper to look at once (SIGUSR1)
+  and waits for it, so ``sqapi process`` leaves nothing running when it returns.  SIGTERM does
+  not stop the keeper: a service manager stopping a loader's whole process group must not take
+  the server from under the loader's last status writes; the keeper stops when the loader has.
+* A process whose server died (killed, out of memory) starts another on its next connection.
 
 PostgreSQL refuses to run as root.  Run as root, sqapi starts the server in a user namespace
 of its own in which sqapi's uid appears as an ordinary user, so the files stay root's; where
@@ -45,6 +48,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -76,6 +80,7 @@ _SOCKET_PATH_MAX = 107
 
 _SERVER_SETTINGS = {
     "listen_addresses": "",
+    "unix_socket_permissions": "0700",  # trust authentication: only this user may connect
     "max_connections": "300",   # each loader process, plugin worker and API thread pools its own
     "logging_collector": "off",  # the log goes to server.log through the keeper's stderr
     "log_line_prefix": "%m [%p] ",
@@ -154,7 +159,7 @@ def ensure_running(directory: str | Path) -> Layout:
         if member is not None and member.pid == os.getpid() and _keeper_alive(layout):
             return layout
         try:
-            layout.directory.mkdir(parents=True, exist_ok=True)
+            layout.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConnectorError(f"cannot create {layout.directory} for the embedded PostgreSQL: "
                                  f"{exc.strerror or exc}") from None
@@ -185,7 +190,10 @@ def _leave_all() -> None:
 
 
 def _stop_if_unused(layout: Layout, wait: float = 30.0) -> bool:
-    """Stop the server now when no process uses it; whether it was stopped."""
+    """When no process uses the server, have the keeper stop it now and wait for that; whether it stopped.
+
+    The keeper is only asked to look (SIGUSR1), and the locks are let go before waiting: it takes
+    them itself to decide, so a process that joined meanwhile keeps the server."""
     with _locked(layout.control_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as control:
         if control is None:
             return False  # another process is starting or stopping it
@@ -195,11 +203,19 @@ def _stop_if_unused(layout: Layout, wait: float = 30.0) -> bool:
             pid = _keeper_alive(layout)
             if not pid:
                 return False
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + wait
-            while _process_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            return True
+            os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + wait
+    while _process_alive(pid) and time.monotonic() < deadline:
+        if _others_use(layout):
+            return False  # another process joined meanwhile: the server stays for it
+        time.sleep(0.02)
+    return not _process_alive(pid)
+
+
+def _others_use(layout: Layout) -> bool:
+    """Whether some process holds a shared lock on ``users.lock`` (an exclusive one cannot be had)."""
+    with _locked(layout.users_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as alone:
+        return alone is None
 
 
 @contextlib.contextmanager
@@ -356,9 +372,12 @@ def keep(directory: str) -> int:
         out.write(line + "\n")
         out.flush()
 
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
-    signal.signal(signal.SIGINT, lambda _signum, _frame: stopping.set())
+    look = threading.Event()  # SIGUSR1: the last user has left, look now instead of at the next poll
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: look.set())
+    # SIGTERM / SIGINT (a service manager stopping the whole group): the users decide, as always -- a
+    # loader still finishing its messages keeps the server until it exits
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: look.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with open(layout.log, "ab") as log_file:
         try:
             if not (layout.data / "PG_VERSION").exists():
@@ -373,19 +392,18 @@ def keep(directory: str) -> int:
             return 1
         say("ready")
         out.close()
-        while not stopping.is_set():
+        while True:
             if (server is not None and server.poll() is not None) or (server is None and not _process_alive(pid)):
-                return 1  # the server died: the next user starts another keeper
+                _forget_keeper(layout)
+                return 1  # the server died: the next user to connect starts another keeper
             with _locked(layout.control_lock, fcntl.LOCK_EX) as _control:
                 with _locked(layout.users_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as users:
                     if users is not None:  # nobody uses it: stop while holding both, so nobody joins meanwhile
                         _stop_server(server, pid)
                         _forget_keeper(layout)
                         return 0
-            stopping.wait(POLL)
-        _stop_server(server, pid)  # SIGTERM: the last user stops us while holding the locks
-        _forget_keeper(layout)
-    return 0
+            look.wait(POLL)
+            look.clear()
 
 
 def _forget_keeper(layout: Layout) -> None:
@@ -409,7 +427,7 @@ def _start_server(layout: Layout, log_file: IO[bytes]) -> tuple[subprocess.Popen
     running = _read_postmaster_pid(layout)
     if running and _process_alive(running) and _is_postmaster(running, layout):
         return None, running
-    layout.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private_folder(layout.socket_dir)
     settings = [arg for key, value in _SERVER_SETTINGS.items() for arg in ("-c", f"{key}={value}")]
     try:
         server = subprocess.Popen([str(binaries() / "postgres"), "-D", str(layout.data), "-k", str(layout.socket_dir),
@@ -420,6 +438,22 @@ def _start_server(layout: Layout, log_file: IO[bytes]) -> tuple[subprocess.Popen
         raise ConnectorError(_root_refusal(exc) if os.geteuid() == 0 else f"postgres did not start ({exc})") \
             from None
     return server, server.pid
+
+
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` (the socket's) or accept it only as this user's own, private, real folder: in /tmp another
+    user could have made it first to reach a server that trusts whoever connects."""
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConnectorError(f"cannot create the socket folder {folder}: {exc.strerror or exc}") from None
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise ConnectorError(f"the socket folder {folder} is not a private folder of this user (owner uid "
+                             f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}): remove it, or give "
+                             "database.embedded.directory a shorter path")
 
 
 def _is_postmaster(pid: int, layout: Layout) -> bool:

@@ -392,12 +392,20 @@ class Database(StatusStore):
                                  f"(database.pool.max is {self.pool_max})")
         try:
             assert self._pool is not None
-            conn = self._pool.getconn()
+            try:
+                conn = self._pool.getconn()
+            except psycopg2.OperationalError:
+                if self.embedded is None:
+                    raise
+                embedded_server.ensure_running(self.embedded)  # it died (killed, out of memory): start another
+                conn = self._pool.getconn()
             if not conn.autocommit:  # one round trip per statement; transactions say BEGIN themselves
                 conn.autocommit = True
             return conn
-        except (psycopg2.Error, psycopg2.pool.PoolError) as exc:
+        except (psycopg2.Error, psycopg2.pool.PoolError, ConnectorError) as exc:
             self._slots.release()
+            if isinstance(exc, ConnectorError):
+                raise
             raise ConnectorError(f"PostgreSQL at {self.describe()} unavailable: {self._scrub(str(exc))}") from None
 
     def _checkin(self, bound: _Bound) -> None:
