@@ -18,8 +18,8 @@ The plugin is loaded exactly as the loader loads it -- its ``config.yml`` merged
 embedded default (and ``config``), its ``execute`` signature checked, its init script run --
 against a PostgreSQL database: the embedded server sqapi runs itself (no server to install),
 one per test session (in the folder above pytest's ``tmp_path``, or ``$SQAPI_EMBEDDED_DIR``),
-in a schema of each ``tmp_path``'s own: the loads of one test share their tables, and tests
-never see each other's rows.
+in a database of each ``tmp_path``'s own: the loads of one test share their tables, and tests
+never see each other's rows (nor each other's extensions).
 ``run_plugin`` then calls ``execute`` once, in the test's own process, so that a debugger
 and coverage see it (the loader runs it in a worker process; the arguments are the same).
 """
@@ -53,11 +53,15 @@ class PluginRun:
 
 
 def test_database(tmp_path: Path) -> dict[str, Any]:
-    """A ``database`` section for the schema of ``tmp_path`` (one per test) in the session's embedded PostgreSQL."""
+    """A ``database`` section for the database of ``tmp_path`` (one per test) in the session's embedded PostgreSQL.
+
+    A database, not a schema: an extension a plugin creates (``CREATE EXTENSION cube``) lives in
+    the database it was created in, and each test needs its own."""
     folder = Path(tmp_path).resolve()
     directory = os.environ.get("SQAPI_EMBEDDED_DIR") or str(folder.parent / "sqapi-postgres")
-    return {"type": "postgres", "embedded": {"directory": directory},
-            "schema": f"plugin_test_{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}"}
+    return {"type": "postgres", "schema": None,
+            "embedded": {"directory": directory,
+                         "database": f"plugin_test_{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}"}}
 
 
 test_database.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test for pytest to collect

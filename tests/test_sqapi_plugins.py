@@ -311,3 +311,19 @@ def test_a_plugin_whose_database_is_unreachable_is_reported_failed_never_pointed
                                capture_output=True, text=True, timeout=60)
     assert processed.returncode == 1 and processed.stdout == ""  # nothing recorded DONE without it
     assert "plugin failed to load, so nothing is processed (lost: " in processed.stderr
+
+
+def test_sqapi_testing_gives_each_test_a_database_where_its_extensions_live(
+        write_plugin: Callable[..., Path], tmp_path: Path) -> None:
+    from sqapi.testing import blueprint_client, run_plugin
+
+    folder = write_plugin("visits", VISITS, files=VISITS_FILES)
+    for test in ("first_test", "second_test"):  # as two tests, each with its own tmp_path
+        own = tmp_path / test
+        own.mkdir()
+        run = run_plugin(folder, b"hello", own, metadata={"x": 2, "y": 0}, uuid=f"{test}-v", type="text/plain")
+        assert run.database.describe().endswith(")") and "(database plugin_test_" in run.database.describe()
+        assert run.database.execute_query("SELECT uuid_ref, size FROM visits") == [{"uuid_ref": f"{test}-v",
+                                                                                  "size": 5}]
+        client = blueprint_client(run.plugin)
+        assert client.get("/visits/nearest?x=2&y=0").get_json() == {"uuid_ref": f"{test}-v"}

@@ -176,6 +176,28 @@ def ensure_running(directory: str | Path) -> Layout:
     return layout
 
 
+def ensure_database(params: dict[str, Any], name: str) -> None:
+    """Create the database ``name`` on the embedded server (``params`` connect to its default one) if missing."""
+    import psycopg2
+    import psycopg2.errors
+
+    try:
+        conn = psycopg2.connect(**params)
+    except psycopg2.Error as exc:
+        raise ConnectorError(f"the embedded PostgreSQL does not answer: {' '.join(str(exc).split())}") from None
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cursor.fetchone() is None:
+                try:
+                    cursor.execute(f'CREATE DATABASE "{name}"')
+                except psycopg2.errors.DuplicateDatabase:
+                    pass  # another process made it meanwhile
+    finally:
+        conn.close()
+
+
 def _leave_all() -> None:
     """At exit: leave every server; the last user of one stops it now instead of at the keeper's next look."""
     with _MEMBERSHIPS_LOCK:

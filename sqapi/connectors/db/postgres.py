@@ -5,7 +5,7 @@ Config (the ``database`` section; sqAPI's ``connection`` block, or a ``dsn``/``u
     type: postgres
     connection: {host: localhost, port: 5432, user: postgres, password: ..., name: sqapi, timeout: 5}
     dsn: null                 # or "postgresql://user:pass@host:5432/db" (wins over connection)
-    embedded: {directory: .sqapi/postgres}    # used when neither connection.host nor dsn is given
+    embedded: {directory: .sqapi/postgres, database: postgres}   # when neither connection.host nor dsn is given
     schema: null              # tables live in this schema (created when missing); search_path is just it
     pool: {min: 1, max: 10, timeout: 30}       # opened at start / at most (kept for reuse) / seconds to wait
     connect_retry: {attempts: 5, delay: 1.0, max_delay: 10.0}   # at startup, while unreachable
@@ -114,6 +114,9 @@ def validate_config(config: dict[str, Any]) -> None:
     if embedded is not None and not (isinstance(embedded, dict) and isinstance(embedded.get("directory") or "", str)):
         fail("embedded", f"must be a mapping like {{directory: .sqapi/postgres}}, not {embedded!r}",
              "write embedded: {directory: FOLDER}, or give connection.host / dsn for a server")
+    name = (embedded or {}).get("database")
+    if name is not None and not (isinstance(name, str) and _IDENTIFIER.fullmatch(name)):
+        fail("embedded.database", f"{name!r} is not a plain identifier", "use letters, digits and underscores")
     port = (connection or {}).get("port")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
         fail("connection.port", f"must be a whole number, not {port!r}", "set it to the server's port, e.g. 5432")
@@ -251,9 +254,11 @@ class Database(StatusStore):
         #: the folder of the embedded server, when neither a dsn nor a host names a server
         self.embedded: Path | None = None
         if not self._dsn and not connection.get("host"):
-            folder = _section(config, "embedded").get("directory") or ".sqapi/postgres"
-            self.embedded = Path(folder).absolute()
-            self._params = embedded_server.Layout(self.embedded).connection()
+            embedded = _section(config, "embedded")
+            self.embedded = Path(embedded.get("directory") or ".sqapi/postgres").absolute()
+            #: the embedded server's database this one uses (created on first use when not the default one)
+            self.embedded_database = str(embedded.get("database") or embedded_server.DBNAME)
+            self._params = dict(embedded_server.Layout(self.embedded).connection(), dbname=self.embedded_database)
         elif not self._dsn:
             self._params = {"host": connection.get("host") or "localhost", "port": int(connection.get("port") or 5432),
                             "dbname": connection.get("name") or connection.get("dbname") or "postgres",
@@ -286,7 +291,9 @@ class Database(StatusStore):
     def describe(self) -> str:
         """Where this database is, for messages: never the password."""
         if self.embedded is not None:
-            return f"the embedded PostgreSQL in {self.embedded}"
+            named = self.embedded_database != embedded_server.DBNAME
+            return f"the embedded PostgreSQL in {self.embedded}" + (f" (database {self.embedded_database})"
+                                                                   if named else "")
         if self._dsn:
             parts = urlsplit(self._dsn) if "://" in self._dsn else None
             if parts is not None:
@@ -316,7 +323,7 @@ class Database(StatusStore):
             attempts = attempts or self.connect_attempts
             delay = self.connect_delay
             if self.embedded is not None:  # started (or joined) here: the constructor does no I/O
-                self._params = embedded_server.ensure_running(self.embedded).connection()
+                self._params = self._embedded_connection()
             options = []
             if self.schema:
                 options.append(f"-c search_path={self.schema}")
@@ -352,6 +359,14 @@ class Database(StatusStore):
             self._pool = pool
         if self.schema and not self._read_only:
             self._ensure_schema()
+
+    def _embedded_connection(self) -> dict[str, Any]:
+        """Start (or join) the embedded server; its connection parameters, the database created if needed."""
+        assert self.embedded is not None
+        params = embedded_server.ensure_running(self.embedded).connection()
+        if self.embedded_database != params["dbname"]:
+            embedded_server.ensure_database(params, self.embedded_database)
+        return dict(params, dbname=self.embedded_database)
 
     def has_status_tables(self) -> bool:
         """Whether the core tables exist in the configured schema, creating nothing (not even the schema, nor an
