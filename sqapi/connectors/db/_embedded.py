@@ -216,9 +216,7 @@ def _stop_if_unused(layout: Layout, wait: float = 30.0) -> bool:
 
     The keeper is only asked to look (SIGUSR1), and the locks are let go before waiting: it takes
     them itself to decide, so a process that joined meanwhile keeps the server."""
-    with _locked(layout.control_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as control:
-        if control is None:
-            return False  # another process is starting or stopping it
+    with _locked(layout.control_lock, fcntl.LOCK_EX):  # the keeper's own looks hold it only a moment
         with _locked(layout.users_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as users:
             if users is None:
                 return False  # still in use
@@ -235,8 +233,12 @@ def _stop_if_unused(layout: Layout, wait: float = 30.0) -> bool:
 
 
 def _others_use(layout: Layout) -> bool:
-    """Whether some process holds a shared lock on ``users.lock`` (an exclusive one cannot be had)."""
-    with _locked(layout.users_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as alone:
+    """Whether some process holds a shared lock on ``users.lock`` (an exclusive one cannot be had).
+
+    Asked holding ``control.lock``, as the keeper asks: its own look at ``users.lock`` is then not
+    mistaken for a user."""
+    with _locked(layout.control_lock, fcntl.LOCK_EX), \
+            _locked(layout.users_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) as alone:
         return alone is None
 
 
