@@ -154,3 +154,13 @@ def write_data(workdir: Path) -> Callable[[str, bytes | str], str]:
         return relative
 
     return write
+
+
+@pytest.fixture
+def es() -> Iterator[Any]:
+    """A STAND-IN FOR ELASTICSEARCH (tests/plugins/es_standin.py), on a free loopback port for this test."""
+    from tests.plugins.es_standin import ElasticsearchStandIn
+
+    server = ElasticsearchStandIn().start()
+    yield server
+    server.stop()

@@ -22,13 +22,6 @@ PASSWORD = "elastic-pass-6f1d"
 
 
 @pytest.fixture
-def es() -> Iterator[ElasticsearchStandIn]:
-    server = ElasticsearchStandIn().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def db(es: ElasticsearchStandIn) -> Iterator[Database]:
     database = Database({"type": "elasticsearch", "connection": es.url})
     yield database

@@ -206,13 +206,7 @@ class WorkerPool:
                     self._count += 1
                     break
                 self._cond.wait(SLOW_AFTER if patient else None)
-        try:
-            return self._start()
-        except BaseException:
-            with self._cond:
-                self._count -= 1
-                self._cond.notify()
-            raise
+        return self._start_counted()
 
     def _release(self, worker: _Worker) -> None:
         with self._cond:
@@ -274,6 +268,10 @@ class WorkerPool:
             if not grow or self._count >= self.size:
                 return None
             self._count += 1
+        return self._start_counted()
+
+    def _start_counted(self) -> _Worker:
+        """Start a worker in the place already counted for it; the place is given back if it cannot start."""
         try:
             return self._start()
         except BaseException:

@@ -32,13 +32,6 @@ make_pdf = _load_make_pdf()
 
 
 @pytest.fixture
-def es() -> Iterator[ElasticsearchStandIn]:
-    server = ElasticsearchStandIn().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def receiver() -> Iterator[WebhookReceiver]:
     server = WebhookReceiver().start()
     yield server
