@@ -217,3 +217,40 @@ def test_only_the_plugins_worker_commits_without_waiting_for_the_disk(
     # the same plugin's Database in the loader (its blueprints in the API) waits for the disk as the server says
     assert app.plugins.plugins["syncs"].database.execute_query("SHOW synchronous_commit") == [
         {"synchronous_commit": "on"}]
+
+
+COUNTING = '''
+import os, time
+from pathlib import Path
+
+
+def execute(config, database, message, metadata, data):
+    with open(Path(config.custom["runs"]), "a") as runs:
+        runs.write(message.uuid + "\\n")
+    if metadata.get("hang"):
+        time.sleep(3600)
+    if metadata.get("abort"):
+        os.abort()
+    return {"pid": os.getpid()}
+'''
+
+
+@pytest.mark.parametrize("trouble, reason", [("hang", "timed out after 1.5s (its worker process was killed)"),
+                                             ("abort", "its worker process crashed (killed by SIGABRT) during "
+                                                       "the call")])
+def test_a_call_that_hangs_or_crashes_after_a_quick_one_is_the_one_blamed(
+        make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str],
+        workdir: Path, trouble: str, reason: str) -> None:
+    write_plugin("counting", COUNTING, config={"plugin": {"timeout": 1.5}})
+    app = make_app({"active_plugins": ["counting"], "custom": {"runs": str(workdir / "runs.txt")},
+                    "msg_broker": {"retry": {"max_attempts": 1}}})
+    location = write_data("a.txt", "x")
+    batch(app, [body("warm", location)])  # a quick plugin so far: the next calls go to one worker in one share
+    quick0, bad, quick2 = batch(app, [body("quick0", location), body("bad", location, **{trouble: True}),
+                                      body("quick2", location)])
+    assert (quick0.status, quick2.status) == ("DONE", "DONE")
+    assert bad.status == "FAILED" and bad.reason == f"gave up after 1 attempt: plugin counting: {reason}"
+    runs = (workdir / "runs.txt").read_text().split()
+    assert runs.count("quick2") == 1
+    if trouble == "hang":  # a hang leaves time for every earlier answer to arrive: nothing runs twice
+        assert runs.count("quick0") == 1 and runs.count("bad") == 1

@@ -338,6 +338,7 @@ class _Batch:
         self.timeout = float(pool.plugin.timeout) if pool.plugin.timeout else None
         self.slow_at = time.monotonic() + SLOW_AFTER
         self.can_grow = True
+        self.careful = False  # after a crash that could not be pinned on one call: one call per worker at a time
 
     def run(self) -> list[Ran]:
         try:
@@ -377,7 +378,7 @@ class _Batch:
 
     def _share(self) -> int:
         """How many calls a worker gets at once: quick calls in shares of what waits, slow ones one by one."""
-        if not self.pool.quick() or self._slow(time.monotonic()):
+        if self.careful or not self.pool.quick() or self._slow(time.monotonic()):
             return 1
         workers = max(1, len(self.assigned) + 1)
         return max(1, min(MAX_SHARE, -(-len(self.pending) // workers)))
@@ -473,26 +474,34 @@ class _Batch:
             self.assigned[job.worker.conn] = job
 
     def _lost(self, job: _Assigned) -> None:
-        """The worker died: the call it was running crashed with it; the calls behind it go to another."""
+        """The worker died during its call: that call crashed with it; the calls behind it go to another worker."""
         _wait(job.worker.process)
         ended = _ended(job.worker.process)
         log.warning("plugin %s: worker process %s %s", self.pool.plugin.name, job.worker.pid, ended)
-        if job.queue:
-            head = job.queue.popleft()
-            self.ran[head] = (None, PluginFailed(f"its worker process {ended} during the call", retryable=True),
-                              time.monotonic() - job.head_started)
-        self._give_back(job)
-        self.pool._discard(job.worker)
+        self._blame(job, PluginFailed(f"its worker process {ended} during the call", retryable=True))
 
     def _timed_out(self, job: _Assigned, now: float) -> None:
         assert self.timeout is not None
         log.warning("plugin %s: a call ran past its timeout of %gs: killing worker process %s",
                     self.pool.plugin.name, self.timeout, job.worker.pid)
-        head = job.queue.popleft()
-        self.ran[head] = (None, PluginTimeout(f"timed out after {self.timeout:g}s (its worker process was killed)"),
-                          now - job.head_started)
-        self._give_back(job)
+        self._blame(job, PluginTimeout(f"timed out after {self.timeout:g}s (its worker process was killed)"))
+
+    def _blame(self, job: _Assigned, error: BaseException) -> None:
+        """Record ``error`` for the call the lost worker was running, and give the others back.
+
+        With several calls unanswered, which one it was running is not known for sure -- the
+        worker may have held the answers of calls it had finished -- so none is blamed: they all
+        go back, and the rest of the batch runs one call per worker at a time, where a crash or a
+        hang can only be the call's own."""
         self.pool._discard(job.worker)
+        if len(job.queue) == 1:
+            head = job.queue.popleft()
+            self.ran[head] = (None, error, time.monotonic() - job.head_started)
+        elif job.queue:
+            self.careful = True
+            log.warning("plugin %s: %d calls were unanswered; running them one at a time to find the one at fault",
+                        self.pool.plugin.name, len(job.queue))
+        self._give_back(job)
 
     def _give_back(self, job: _Assigned) -> None:
         """The calls a lost worker had not started, back to wait for another."""

@@ -9,10 +9,11 @@ directory and environment, and talks to each over a socket (``FD``, framed and p
   and builds its Database from the spec, then answers ``("ready", pid)`` or
   ``("failed", reason)``;
 * ``("run", [(seq, call), ...])``: the calls join the worker's queue; it runs them one after the
-  other and answers each as it ends, before the next starts -- ``("answers", [("done", seq,
-  result, seconds, ended_at)])`` or ``("answers", [("error", seq, reason, retryable, traceback,
-  seconds, ended_at, recycle)])``.  With ``recycle`` (a ``MemoryError``) it exits after
-  answering, since its heap may be in no state to go on;
+  other and answers each -- ``("done", seq, result, seconds, ended_at)`` or ``("error", seq,
+  reason, retryable, traceback, seconds, ended_at, recycle)`` -- in ``("answers", [...])``: the
+  answers of quick calls go together (at most :data:`FLUSH_COUNT`, none held longer than
+  :data:`FLUSH_AFTER` seconds, even while the next call runs).  With ``recycle`` (a
+  ``MemoryError``) it exits after answering, since its heap may be in no state to go on;
 * ``("withdraw",)``: the calls queued and not yet started are given back at once --
   ``("withdrawn", [seq, ...])`` -- even while a call runs (a reader thread answers);
 * ``("stop",)``: it ends after the call it is running; the socket closing ends it at once.
@@ -152,15 +153,74 @@ class _Inbox:
             return self.calls.popleft() if self.calls and not self.stopping else None
 
 
+#: answers of quick calls go back together: at most FLUSH_COUNT at once, none held longer than FLUSH_AFTER seconds
+#: (a flusher thread sends them even while the next call runs), all of them as soon as no call waits
+FLUSH_COUNT = 32
+FLUSH_AFTER = 0.002
+
+
+class _Outbox:
+    """Answers held for a moment, so that a batch of quick calls costs a few messages instead of one per call."""
+
+    def __init__(self, inbox: _Inbox) -> None:
+        self.inbox = inbox
+        self.held: list[tuple[Any, ...]] = []
+        self.since = 0.0
+        self.cond = threading.Condition()
+
+    def add(self, reply: tuple[Any, ...]) -> None:
+        with self.cond:
+            if not self.held:
+                self.since = time.monotonic()
+                self.cond.notify()
+            self.held.append(reply)
+            if len(self.held) >= FLUSH_COUNT:
+                self._send()
+
+    def flush(self) -> None:
+        with self.cond:
+            self._send()
+
+    def _send(self) -> None:
+        if self.held:
+            held, self.held = self.held, []
+            self.inbox.send_all(held)
+
+    def run(self) -> None:
+        """The flusher thread: nothing stays held longer than FLUSH_AFTER, whatever the main thread is running."""
+        with self.cond:
+            while True:
+                if not self.held:
+                    self.cond.wait()
+                    continue
+                due = self.since + FLUSH_AFTER - time.monotonic()
+                if due <= 0:
+                    self._send()
+                else:
+                    self.cond.wait(due)
+
+
 def _serve(conn: Connection, spec: WorkerSpec, module: types.ModuleType, database: Any) -> None:
-    """Run the calls as they come, answering each before the next starts: when a call crashes or hangs, every
-    call before it has been answered, so the loader blames the right one and runs nothing twice."""
+    """Run the calls as they come, one at a time.
+
+    A call that hangs finds the answers of the calls before it sent within FLUSH_AFTER (the
+    flusher thread), so the loader blames the right one; a crash can take answers held with it,
+    which the loader knows (several calls unanswered) and sorts out by running those calls one by
+    one."""
     from sqapi.config import Config
 
     config = spec.config if isinstance(spec.config, Config) else Config(spec.config)
     inbox = _Inbox(conn)
+    outbox = _Outbox(inbox)
     threading.Thread(target=inbox.read, name="sqapi-worker-reader", daemon=True).start()
-    while (job := inbox.next()) is not None:
+    threading.Thread(target=outbox.run, name="sqapi-worker-flusher", daemon=True).start()
+    while True:
+        job = inbox.next_nowait()
+        if job is None:  # no call waits: send what is held before waiting for one
+            outbox.flush()
+            job = inbox.next()
+            if job is None:
+                return
         seq, call = job
         started = time.monotonic()
         recycle = False
@@ -175,8 +235,9 @@ def _serve(conn: Connection, spec: WorkerSpec, module: types.ModuleType, databas
                 reason = f"MemoryError (over plugin.max_memory, {spec.max_memory // (1 << 20)} MiB)"
             reply = ("error", seq, reason, is_retryable(exc), "".join(traceback.format_exception(exc)),
                      time.monotonic() - started, time.monotonic(), recycle)
-        inbox.send_all([reply])
+        outbox.add(reply)
         if recycle:
+            outbox.flush()
             return
 
 
