@@ -225,9 +225,9 @@ class Listener:
             return  # it was moved on before the failure
         attempt, name = self._split(path.name)
         try:
-            target = self._move(path, self.root / RETRY / f"{attempt + 1}{RETRY_SEPARATOR}{name}")
             due = time.time() + self.handback_delay
-            os.utime(target, (due, due))
+            os.utime(path, (due, due))  # before the move: in retry/ with its old time, it would be due at once
+            self._move(path, self.root / RETRY / f"{attempt + 1}{RETRY_SEPARATOR}{name}")
         except OSError as exc:  # it stays claimed and is recovered at the next start
             log.error("could not hand spool file %s back to %s: %s", path, RETRY, exc)
 
@@ -241,10 +241,9 @@ class Listener:
         if outcome.action is Action.ACK:
             self._move(path, self.root / DONE / name)
         elif outcome.action is Action.RETRY:
-            target = self.root / RETRY / f"{attempt + 1}{RETRY_SEPARATOR}{name}"
-            self._move(path, target)
             due = time.time() + outcome.delay
-            os.utime(target, (due, due))
+            os.utime(path, (due, due))  # before the move (a rename keeps it): never due at once in retry/
+            self._move(path, self.root / RETRY / f"{attempt + 1}{RETRY_SEPARATOR}{name}")
         else:
             target = self._move(path, self.root / FAILED / name)
             lines = [outcome.reason or "failed"]
