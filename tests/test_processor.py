@@ -543,3 +543,20 @@ def test_a_deletion_of_finished_work_counts_its_own_attempts(make_app, write_plu
     second = app.process(message("u1", location, action="delete"), Delivery("del-2", attempt=2))
     assert second.status == "RETRY" and app.database.get_message("u1")["attempts"] == 2
     assert app.database.get_message("u1")["info"].startswith("attempt 2 of 3 failed")
+
+
+PROSE = ("The loader reads each message, fetches the data, and hands it to every plugin that takes its type.\n"
+         "Plugins record what they find, in tables of their own, and the loader records how each one did.\n"
+         "Nothing is lost: a message that fails is retried, and one that cannot succeed is set aside.\n") * 4
+
+
+def test_prose_is_text_plain_and_a_metadata_mime_field_wins(make_app, write_plugin, write_data) -> None:
+    write_plugin("texts", "def execute(config, database, message, metadata, data):\n"
+                          "    return {'type': message.type}\n", config={"plugin": {"mime_types": ["text/plain"]}})
+    app = make_app({"active_plugins": ["texts"], "msg_broker": {"mime_field": "Content-Type"}})
+    prose = app.process(message("p1", write_data("notes.txt", PROSE)), Delivery("d1"))
+    assert prose.status == "DONE" and app.database.get_message("p1")["data_type"] == "text/plain"
+    assert json.loads(app.database.get_plugin_rows("p1")[0]["result"]) == {"type": "text/plain"}
+    labelled = app.process(message("p2", write_data("blob.bin", b"\x00\x01binary"),
+                                   metadata={"content-type": "Text/Plain; charset=utf-8"}), Delivery("d2"))
+    assert labelled.status == "DONE" and app.database.get_message("p2")["data_type"] == "text/plain"
