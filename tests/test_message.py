@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sqapi.core.message import MessageParser
@@ -45,7 +47,7 @@ def test_a_delimited_string_body_is_parsed_by_its_format() -> None:
 
 @pytest.mark.parametrize(("raw", "reason", "uuid"), [
     (b"{nope", "body is not valid JSON", None),
-    (b"[1, 2]", "body must be a JSON object, not list", None),
+    (b"[1, 2]", "body must be a JSON object, not a list", None),
     (b"\xff\xfe", "body is not UTF-8", None),
     (b'{"data_location": "x"}', "missing required field: uuid_ref", None),
     (b'{"uuid_ref": "u5"}', "missing required field: data_location", "u5"),
@@ -67,3 +69,62 @@ def test_plugins_get_a_copy_that_does_not_share_state() -> None:
     clone.metadata["a"]["b"] = 2  # type: ignore[index]
     assert message.metadata == {"a": {"b": 1}}
     assert clone.uuid_ref == "u" and clone.data_type is None
+
+
+# -- identity: strict, never a delivery id ------------------------------------------------------------
+@pytest.mark.parametrize("value, kind", [({"id": 0}, "an object"), ([0], "a list"), (True, "true or false"),
+                                         (1.5, "a number with a fraction"), (None, None)])
+def test_a_uuid_that_is_not_a_string_or_a_whole_number_is_refused(value: object, kind: str | None) -> None:
+    body = json.dumps({"uuid_ref": value, "data_location": "x"}).encode()
+    with pytest.raises(MessageError) as info:
+        DEFAULT.parse(body, "queue#1")
+    expected = f"uuid_ref must be a string or a whole number, not {kind}" if kind else \
+        "missing required field: uuid_ref"
+    assert str(info.value) == expected and info.value.uuid is None
+
+
+def test_a_whole_number_uuid_is_written_in_decimal_and_blanks_are_stripped() -> None:
+    assert DEFAULT.parse(b'{"uuid_ref": 42, "data_location": "x"}', "d").uuid == "42"
+    assert DEFAULT.parse(b'{"uuid_ref": "  u-1 ", "data_location": "x"}', "d").uuid == "u-1"
+
+
+def test_a_blank_uuid_is_refused_never_replaced_by_the_delivery_id() -> None:
+    for blank in ("   ", "\t\n"):
+        with pytest.raises(MessageError, match="uuid_ref is blank"):
+            DEFAULT.parse(json.dumps({"uuid_ref": blank, "data_location": "x"}).encode(), "queue#7")
+
+
+def test_an_optional_uuid_that_is_absent_comes_from_the_body_so_two_bodies_never_share_one() -> None:
+    parser = MessageParser({"message_fields": {"uuid": {"key": "uuid_ref", "required": False}}})
+    first = parser.parse(b'{"data_location": "a"}', "queue#1")
+    second = parser.parse(b'{"data_location": "b"}', "queue#1")  # the same delivery tag on another channel
+    again = parser.parse(b'{ "data_location" : "a" }', "queue#9")
+    assert first.uuid.startswith("sha256:") and first.uuid != second.uuid and first.uuid == again.uuid
+
+
+# -- bodies no database could store, or too large ------------------------------------------------------
+@pytest.mark.parametrize("raw, reason", [
+    (b'{"uuid_ref": "u", "data_location": "x", "m": ' + b"[" * 10000 + b"]" * 10000 + b"}",
+     "body nests deeper than 64 levels"),
+    (b'{"uuid_ref": "u", "data_location": "x", "m": ' + b"[" * 100 + b"]" * 100 + b"}",
+     "body nests deeper than 64 levels"),
+    (b'{"uuid_ref": "u", "data_location": "x", "note": "\\ud800"}', "body holds a lone UTF-16 surrogate"),
+    (b'{"uuid_ref": "u", "data_location": "x", "\\ud800": 1}', "body holds a lone UTF-16 surrogate"),
+    (b'{"uuid_ref": "u", "data_location": "x", "metadata": {"k": "a\\u0000b"}}', "body holds a NUL character"),
+    (b'{"uuid_ref": "u", "data_location": "' + b"d" * 5000 + b'"}', "data_location is 5000 characters long"),
+    (b'"just a string"', "body must be a JSON object, not a string"),
+    (b"null", "body must be a JSON object, not null"),
+])
+def test_a_body_no_database_could_store_is_refused_on_its_first_delivery(raw: bytes, reason: str) -> None:
+    with pytest.raises(MessageError) as info:
+        DEFAULT.parse(raw, "d")
+    assert str(info.value).startswith(reason)
+    assert len(str(info.value)) < 200  # the reason never quotes the value
+
+
+def test_a_body_over_max_body_bytes_is_refused_unparsed() -> None:
+    parser = MessageParser({"max_body_bytes": 1000})
+    big = json.dumps({"uuid_ref": "u", "data_location": "x" * 2000}).encode()
+    with pytest.raises(MessageError, match=r"body is larger than msg_broker.max_body_bytes \(1000 bytes\)"):
+        parser.parse(big, "d")
+    assert parser.parse(b'{"uuid_ref": "u", "data_location": "x"}', "d").uuid == "u"

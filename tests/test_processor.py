@@ -468,7 +468,8 @@ def test_a_plugin_calling_sys_exit_fails_like_any_other(make_app, write_plugin, 
 def test_a_nul_character_makes_a_message_malformed(counting_app) -> None:
     outcome = counting_app().process(message("u1", "item\u0000.txt"), Delivery("d"))
     assert (outcome.status, outcome.action) == ("FAILED", Action.DEAD_LETTER)
-    assert "data_location contains a NUL character" in outcome.reason
+    assert outcome.reason == "malformed message: body holds a NUL character, which no text column stores"
+    assert outcome.uuid == "u1"
 
 
 def test_an_internal_error_is_dead_lettered_once_its_attempts_are_used(counting_app, write_data) -> None:

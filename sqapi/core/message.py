@@ -4,11 +4,23 @@ The body is a JSON object (``msg_broker.parser.type: json``, the default) or a d
 string (``type: string`` with ``format: 'uuid|data_location|metadata'`` and ``delimiter``).
 Logical fields map to body keys through ``msg_broker.message_fields`` (sqAPI's format
 ``{field: {key: body_key, required: bool}}``); keys match case-insensitively.
+
+A body is refused -- a :class:`~sqapi.errors.MessageError`, never retried -- when it is larger
+than ``msg_broker.max_body_bytes``, is not UTF-8, is not a JSON object, nests deeper than
+:data:`MAX_DEPTH`, or holds a string no database can store (a NUL character, a lone UTF-16
+surrogate).  A message's identity is strict: the uuid is a non-empty string (surrounding
+blanks stripped) or a whole number (written in decimal), at most :data:`MAX_UUID_LENGTH`
+characters, printable; anything else (an object, a list, ``true``, ``1.5``) is refused.  A
+uuid that is not required and absent is the body's sha256 (``sha256:<hex>``), so two
+different bodies never share one and a redelivered body keeps its own.  ``data_location``,
+``meta_location`` and ``data_type`` are strings of at most :data:`MAX_FIELD_LENGTH`
+characters: what is stored and logged stays bounded.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +38,12 @@ LOGICAL_FIELDS: dict[str, dict[str, Any]] = {
 }
 ACTIONS = ("process", "delete")
 MAX_UUID_LENGTH = 255
+#: characters at most in data_location, meta_location and data_type
+MAX_FIELD_LENGTH = 4096
+#: nesting of objects and lists in a body, at most
+MAX_DEPTH = 64
+#: bytes in a body, at most, unless msg_broker.max_body_bytes says otherwise
+MAX_BODY_BYTES = 1 << 20
 
 
 _IMMUTABLE = (str, int, float, bool, type(None))
@@ -110,6 +128,7 @@ class MessageParser:
         self.format = [f.strip() for f in str(parser.get("format") or default_format).split(self.delimiter)]
         self.fields = field_map(broker_config)
         self._lookup = {name: str(spec["key"]).lower() for name, spec in self.fields.items()}
+        self.max_body_bytes = int(broker_config.get("max_body_bytes") or MAX_BODY_BYTES)
 
     def parse(self, raw: bytes | str | Mapping[str, Any], delivery_id: str) -> Message:
         """Parse ``raw``; :class:`MessageError` (with the uuid when known) says what is wrong."""
@@ -119,24 +138,26 @@ class MessageParser:
         def value(name: str) -> Any:
             return lowered.get(self._lookup[name])
 
-        uuid = value("uuid")
-        uuid = str(uuid).strip() if uuid not in (None, "") else None
-        if uuid is not None and (len(uuid) > MAX_UUID_LENGTH or not uuid.isprintable()):  # NUL is not printable
-            raise MessageError(f"{self.fields['uuid']['key']} is longer than {MAX_UUID_LENGTH} characters "
-                               "or not printable")
+        uuid = self._uuid(value("uuid"))
+        _check_values(body, "body", uuid)  # before anything else walks it
         missing = [self.fields[name]["key"] for name, spec in self.fields.items()
                    if spec.get("required") and value(name) in (None, "")]
         if missing:
             raise MessageError(f"missing required field{'s' if len(missing) > 1 else ''}: {', '.join(missing)}",
                                uuid=uuid)
-        assert uuid is not None or not self.fields["uuid"].get("required")
+        if uuid is None:
+            if self.fields["uuid"].get("required"):
+                raise MessageError(f"{self.fields['uuid']['key']} is blank")
+            uuid = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()  # not the delivery id: ids repeat
         metadata = value("metadata")
         if isinstance(metadata, str) and metadata.strip():
             try:
                 metadata = json.loads(metadata)
-            except json.JSONDecodeError as exc:
-                raise MessageError(f"{self.fields['metadata']['key']} is not valid JSON ({exc.msg})",
+            except (json.JSONDecodeError, RecursionError) as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise MessageError(f"{self.fields['metadata']['key']} is not valid JSON ({reason})",
                                    uuid=uuid) from None
+            _check_values(metadata, self.fields["metadata"]["key"], uuid)
         elif isinstance(metadata, str):
             metadata = None
         if metadata is not None and not isinstance(metadata, dict):
@@ -145,17 +166,18 @@ class MessageParser:
         for name in ("data_location", "meta_location", "type"):
             found = value(name)
             if found is not None and not isinstance(found, str):
-                raise MessageError(f"{self.fields[name]['key']} must be a string", uuid=uuid)
-            if isinstance(found, str) and "\x00" in found:
-                raise MessageError(f"{self.fields[name]['key']} contains a NUL character", uuid=uuid)
+                raise MessageError(f"{self.fields[name]['key']} must be a string, not {type(found).__name__}",
+                                   uuid=uuid)
+            if isinstance(found, str) and len(found) > MAX_FIELD_LENGTH:
+                raise MessageError(f"{self.fields[name]['key']} is {len(found)} characters long, over "
+                                   f"{MAX_FIELD_LENGTH}", uuid=uuid)
         action = str(value("action") or "process").lower()
         if action not in ACTIONS:
-            raise MessageError(f"{self.fields['action']['key']} must be one of {', '.join(ACTIONS)}, not "
-                               f"{value('action')!r}", uuid=uuid)
+            raise MessageError(f"{self.fields['action']['key']} must be one of {', '.join(ACTIONS)}", uuid=uuid)
         return Message(
             id=delivery_id,
             action=action,
-            uuid=uuid or delivery_id,
+            uuid=uuid,
             data_location=value("data_location"),
             meta_location=value("meta_location") or None,
             type=(value("type") or None),
@@ -163,9 +185,27 @@ class MessageParser:
             body=body,
         )
 
+    def _uuid(self, found: Any) -> str | None:
+        """The uuid as sqapi records it, ``None`` when absent or blank; refuses what cannot be an identity."""
+        key = self.fields["uuid"]["key"]
+        if found is None:
+            return None
+        if isinstance(found, bool) or not isinstance(found, str | int):
+            raise MessageError(f"{key} must be a string or a whole number, not {_kind(found)}")
+        uuid = str(found).strip()
+        if not uuid:
+            return None
+        if len(uuid) > MAX_UUID_LENGTH or not uuid.isprintable():  # NUL and other controls are not printable
+            raise MessageError(f"{key} is longer than {MAX_UUID_LENGTH} characters or not printable")
+        return uuid
+
     def parse_body(self, raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+        """The body as a dict (its size, UTF-8 and JSON checked; :meth:`parse` checks its values); MessageError if not."""
         if isinstance(raw, Mapping):
             return dict(raw)
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+        if size > self.max_body_bytes:
+            raise MessageError(f"body is larger than msg_broker.max_body_bytes ({self.max_body_bytes} bytes)")
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
@@ -174,13 +214,15 @@ class MessageParser:
         if self.kind == "string":
             return self._parse_delimited(raw)
         try:
-            body = json.loads(raw)
+            parsed = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise MessageError(f"body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")\
                 from None
-        if not isinstance(body, dict):
-            raise MessageError(f"body must be a JSON object, not {type(body).__name__}")
-        return body
+        except RecursionError:
+            raise MessageError(f"body nests deeper than {MAX_DEPTH} levels") from None
+        if not isinstance(parsed, dict):
+            raise MessageError(f"body must be a JSON object, not {_kind(parsed)}")
+        return parsed
 
     def _parse_delimited(self, raw: str) -> dict[str, Any]:
         parts = raw.strip().split(self.delimiter, maxsplit=len(self.format) - 1)
@@ -189,3 +231,33 @@ class MessageParser:
             key = self.fields[name]["key"] if name in self.fields else name
             body[key] = part
         return body
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, for refusals (never the value itself: it may be huge)."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "true or false", float: "a number with a "
+            "fraction", int: "a whole number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_values(value: Any, where: str, uuid: str | None) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and strings no database stores (NUL, lone surrogates); iterative."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise MessageError(f"{where} nests deeper than {MAX_DEPTH} levels", uuid=uuid)
+            children = list(item.keys()) + list(item.values()) if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise MessageError(f"{where} holds a NUL character, which no text column stores", uuid=uuid)
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MessageError(f"{where} holds a lone UTF-16 surrogate, which is not text", uuid=uuid) from None
+
+
+def _canonical(body: Mapping[str, Any]) -> bytes:
+    """A body's canonical JSON: the same body gives the same bytes, whatever its key order."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

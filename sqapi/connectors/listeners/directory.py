@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sqapi.connectors.listeners import ProcessMessage
+from sqapi.core.message import MAX_BODY_BYTES
 from sqapi.core.outcome import Action, Delivery
 from sqapi.errors import ConfigError, ConnectorError
 
@@ -71,6 +72,7 @@ class Listener:
         self.poll_interval = float(config.get("poll_interval", 0.5))
         self.workers = int(workers or config.get("workers") or 4)
         self.handback_delay = float(config.get("handback_delay", HANDBACK_DELAY))
+        self.max_body_bytes = int(config.get("max_body_bytes") or MAX_BODY_BYTES)
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -234,7 +236,8 @@ class Listener:
     def _handle_one(self, path: Path) -> None:
         attempt, name = self._split(path.name)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as handle:  # no more than the parser takes: a larger file is refused unread
+                raw = handle.read(self.max_body_bytes + 1)
         except FileNotFoundError:
             return
         outcome = self.process_message(raw, Delivery(id=f"{self.root.name}/{name}", attempt=attempt))

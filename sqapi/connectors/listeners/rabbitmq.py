@@ -90,6 +90,8 @@ class BrokerSettings:
     heartbeat: int = 30
     workers: int = 4
     batch_size: int = 128
+    max_body_bytes: int = 1 << 20
+    max_inflight_bytes: int = 256 << 20
     reconnect_initial: float = 0.5
     reconnect_max: float = 30.0
 
@@ -97,6 +99,10 @@ class BrokerSettings:
     def from_config(cls, config: Mapping[str, Any]) -> BrokerSettings:
         reconnect = config.get("reconnect") or {}
         workers = int(config.get("workers") or cls.workers)
+        max_body = int(config.get("max_body_bytes") or cls.max_body_bytes)
+        inflight = int(config.get("max_inflight_bytes") or cls.max_inflight_bytes)
+        # RabbitMQ counts prefetch in messages, not bytes: so many that they hold at most max_inflight_bytes
+        prefetch = min(int(config.get("prefetch") or max(cls.prefetch, workers * 4)), max(1, inflight // max_body))
         return cls(
             host=str(config.get("host") or cls.host),
             port=int(config.get("port") or cls.port),
@@ -112,10 +118,12 @@ class BrokerSettings:
             durable=bool(config.get("durable", cls.durable)),
             quorum=bool(config.get("quorum", cls.quorum)),
             delivery_limit=int(config.get("delivery_limit") or cls.delivery_limit),
-            prefetch=int(config.get("prefetch") or max(cls.prefetch, workers * 4)),
+            prefetch=prefetch,
             heartbeat=int(cls.heartbeat if config.get("heartbeat") is None else config["heartbeat"]),
             workers=workers,
             batch_size=max(1, int(config.get("batch_size") or cls.batch_size)),
+            max_body_bytes=max_body,
+            max_inflight_bytes=inflight,
             reconnect_initial=float(reconnect.get("initial_delay", cls.reconnect_initial)),
             reconnect_max=float(reconnect.get("max_delay", cls.reconnect_max)),
         )
@@ -147,7 +155,8 @@ class BrokerSettings:
 
 def validate_config(config: dict[str, Any]) -> None:
     require_keys(config, "msg_broker", [("queue_name", str), ("exchange_name", str)])
-    for key in ("port", "prefetch", "heartbeat", "delivery_limit", "batch_size"):
+    for key in ("port", "prefetch", "heartbeat", "delivery_limit", "batch_size", "max_body_bytes",
+                "max_inflight_bytes"):
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"msg_broker.{key}", f"must be a whole number, not {value!r}",
