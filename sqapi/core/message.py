@@ -200,7 +200,7 @@ class MessageParser:
         return uuid
 
     def parse_body(self, raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
-        """The body as a dict (its size, UTF-8 and JSON checked; :meth:`parse` checks its values); MessageError if not."""
+        """The body as a dict: its size, UTF-8 and JSON checked (:meth:`parse` checks its values); else MessageError."""
         if isinstance(raw, Mapping):
             return dict(raw)
         size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
