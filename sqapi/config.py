@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import yaml
 
@@ -301,7 +301,12 @@ def require_keys(section: Mapping[str, Any], topic: str, keys: Iterable[tuple[st
 
 
 def secret_values(config: Any) -> set[str]:
-    """Every string in ``config`` stored under a key that names a secret (password, token, ...)."""
+    """Every secret ``config`` holds, for masking in log records (3 characters or more).
+
+    That is every string under a key that names a secret (password, token, ...), and the
+    credentials carried by any URL anywhere in it, whatever its key (:func:`url_secrets`):
+    ``custom.webhook.urls: ['https://h/hook?token=abc123xyz']`` gives ``abc123xyz``.
+    """
     found: set[str] = set()
 
     def walk(node: Any, secret: bool) -> None:
@@ -313,9 +318,53 @@ def secret_values(config: Any) -> set[str]:
                 walk(value, secret)
         elif secret and isinstance(node, str | int) and not isinstance(node, bool) and str(node):
             found.add(str(node))
+        if isinstance(node, str) and "://" in node:
+            found.update(url_secrets(node))
 
     walk(config, False)
     return {s for s in found if len(s) >= 3}
+
+
+_SECRET_PARAM = re.compile(r"(pass|pwd|secret|token|key|sig|auth|credential|session|jwt|code)", re.IGNORECASE)
+
+
+def _looks_like_credential(value: str) -> bool:
+    """Eight characters or more mixing letters and digits: a token, a key, a signature."""
+    return (len(value) >= 8 and not any(c.isspace() for c in value) and any(c.isdigit() for c in value)
+            and any(c.isalpha() for c in value))
+
+
+def url_secrets(text: str) -> set[str]:
+    """The credentials in each URL of ``text`` (URLs separated by commas or white space), as written
+    and percent-decoded: the password of its user info (or a user name given without a password
+    that looks like a credential, ``https://ghp_x1y2z3...@host``), and the value of each query or
+    fragment parameter whose name names a secret (``token``, ``sig``, ``key``, ...) or that looks
+    like a credential (8+ characters mixing letters and digits).  Plain values such as
+    ``heartbeat=60`` or ``sslmode=require`` are left out: masked everywhere they would garble
+    unrelated log lines (in URLs themselves every value is redacted anyway, see :mod:`sqapi.logs`).
+    """
+    found: set[str] = set()
+
+    def add(raw: str) -> None:
+        found.update(v for v in (raw, unquote(raw), unquote_plus(raw)) if v)
+
+    for piece in re.split(r"[\s,]+", text):
+        if "://" not in piece:
+            continue
+        # split by hand (as sqapi.logs finds URLs in text): urlsplit refuses some malformed hosts
+        rest, _, fragment = piece.partition("://")[2].partition("#")
+        rest, _, query = rest.partition("?")
+        username, _, password = rest.split("/", 1)[0].rpartition("@")[0].partition(":")
+        if password:
+            add(password)
+        elif username and _looks_like_credential(unquote(username)):
+            add(username)
+        for params in (query, fragment):
+            for pair in params.split("&") if params else ():
+                name, _, value = pair.partition("=")
+                if value and (_SECRET_PARAM.search(unquote_plus(name)) or _looks_like_credential(unquote_plus(value))):
+                    add(value)
+    return found
 
 
 def redacted(config: Any) -> Any:
@@ -330,7 +379,12 @@ def redacted(config: Any) -> Any:
 
 def url_for_logs(url: str) -> str:
     """``url`` without user info, query or fragment (any may carry a credential): fit for logs and errors."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed '[' in the host: shown as written, still without the user info
+        scheme, sep, rest = url.partition("://")
+        netloc, slash, path = re.split(r"[?#]", rest, maxsplit=1)[0].partition("/")
+        return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}"
     host = parts.hostname or ""
     try:
         port = parts.port
