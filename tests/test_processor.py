@@ -561,3 +561,14 @@ def test_prose_is_text_plain_and_a_metadata_mime_field_wins(make_app, write_plug
     labelled = app.process(message("p2", write_data("blob.bin", b"\x00\x01binary"),
                                    metadata={"content-type": "Text/Plain; charset=utf-8"}), Delivery("d2"))
     assert labelled.status == "DONE" and app.database.get_message("p2")["data_type"] == "text/plain"
+
+
+def test_a_huge_reason_is_stored_as_its_start_its_length_and_a_hash(make_app, write_plugin, write_data) -> None:
+    write_plugin("wordy", "def execute(config, database, message, metadata, data):\n"
+                          "    raise RuntimeError('x' * 5_000_000)\n")
+    app = make_app({"active_plugins": ["wordy"], "msg_broker": {"retry": {"max_attempts": 1}}})
+    outcome = app.process(message("u1", write_data("a.txt", "x")), Delivery("d"))
+    info = app.database.get_message("u1")["info"]
+    assert outcome.status == "FAILED" and len(info) <= 2100 and len(outcome.reason or "") <= 2100
+    assert info.startswith("gave up after 1 attempt: plugin wordy: RuntimeError: xxx")
+    assert "chars, sha256 " in info

@@ -41,6 +41,7 @@ from sqapi.core.plugins import Plugin, PluginSet
 from sqapi.core.runner import Call, PluginRunner
 from sqapi.errors import ConnectorError, MessageError, PermanentError, PluginFailed, PluginTimeout, is_retryable
 from sqapi.errors import describe_error as describe
+from sqapi.logs import abbreviate
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ VALIDATING, QUERYING, PROCESSING = "VALIDATING", "QUERYING", "PROCESSING"
 DONE, RETRY, FAILED = "DONE", "RETRY", "FAILED"
 PROCESS, DELETE = "process", "delete"  # message actions (msg_broker.message_fields.action)
 DELETED = "deleted"  # hash_digest of a deleted message: equal to no data's sha256
+#: characters of a reason stored in a status row (``info``) at most: longer ones keep their start, length and hash
+MAX_REASON_CHARS = 2000
 
 
 class ProcessorHooks(Protocol):
@@ -219,7 +222,7 @@ class Processor:
                            delay=self.policy.delay_for(delivery.attempt), attempt=delivery.attempt)
         # a bug of ours: keep the delivery (redelivered later), keep consuming -- up to its attempts
         log.error("internal error processing delivery %s", delivery.id, exc_info=exc)
-        reason = f"internal error: {describe(exc)}"
+        reason = abbreviate(f"internal error: {describe(exc)}", MAX_REASON_CHARS)
         if not self.policy.may_retry(delivery.attempt):
             return Outcome(None, FAILED, Action.DEAD_LETTER, reason=f"gave up after {delivery.attempt} "
                            f"attempt{'s' if delivery.attempt > 1 else ''}: {reason}", attempt=delivery.attempt)
@@ -382,7 +385,8 @@ class Processor:
 
     # -- steps --------------------------------------------------------------------------------
     def _malformed(self, exc: MessageError, delivery: Delivery) -> Outcome:
-        reason = f"malformed message: {exc}" if exc.uuid else f"malformed message ({delivery.id}): {exc}"
+        reason = abbreviate(f"malformed message: {exc}" if exc.uuid else f"malformed message ({delivery.id}): {exc}",
+                            MAX_REASON_CHARS)
         if exc.uuid:  # recorded under the uuid's claim, never waited for: an attempt in progress has the last word
             stub = Message(id=delivery.id, uuid=exc.uuid, data_location=None)  # type: ignore[arg-type]
             try_claim = getattr(self.database, "try_claim", None)
@@ -407,6 +411,7 @@ class Processor:
     def _fail(self, w: _Work, reason: str, retryable: bool, plugin: str | None) -> None:
         """Set the outcome of a failed attempt, and the status to record: RETRY while attempts remain, else FAILED."""
         attempt, message = w.attempt, w.message
+        reason = abbreviate(reason, MAX_REASON_CHARS)  # stored and logged: a plugin's exception may hold anything
         if retryable and self.policy.may_retry(attempt):
             delay = self.policy.delay_for(attempt)
             info = f"attempt {attempt} of {self.policy.max_attempts} failed, retrying in {delay:g}s: {reason}"
@@ -487,7 +492,7 @@ class Processor:
         """Take in one plugin call's result or error; the row to record."""
         message = w.message
         if error is not None:
-            reason = describe(error)
+            reason = abbreviate(describe(error), MAX_REASON_CHARS)
             retryable = is_retryable(error)
             if isinstance(error, PluginFailed):  # from a worker process: its traceback came as text
                 log.warning("plugin %s failed on %s: %s%s", plugin.name, message.uuid, reason,

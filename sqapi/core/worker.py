@@ -233,7 +233,8 @@ def _serve(conn: Connection, spec: WorkerSpec, module: types.ModuleType, databas
             reason = describe_error(exc)
             if recycle and spec.max_memory:
                 reason = f"MemoryError (over plugin.max_memory, {spec.max_memory // (1 << 20)} MiB)"
-            reply = ("error", seq, reason, is_retryable(exc), "".join(traceback.format_exception(exc)),
+            details = logs.abbreviate("".join(traceback.format_exception(exc)), logs.MAX_TRACEBACK_CHARS)
+            reply = ("error", seq, logs.abbreviate(reason), is_retryable(exc), details,
                      time.monotonic() - started, time.monotonic(), recycle)
         outbox.add(reply)
         if recycle:
