@@ -307,7 +307,8 @@ def test_remote_data_is_streamed_to_a_temp_file_that_is_removed_afterwards(make_
                            "    return {'data': data.read().decode(), 'path_exists': True}\n")
     try:
         app = make_app({"active_plugins": ["reader"],
-                        "data_store": {"type": "http", "allowed_hosts": ["127.0.0.1"], "temp_dir": str(temp),
+                        "data_store": {"type": "http", "allowed_hosts": [f"127.0.0.1:{server.server_address[1]}"],
+                                       "temp_dir": str(temp),
                                        "base_url": f"http://127.0.0.1:{server.server_address[1]}/"}})
         assert app.process(message("h1", "object/1"), Delivery("d")).status == "DONE"
     finally:

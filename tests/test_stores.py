@@ -148,7 +148,7 @@ def test_http_streams_the_object_to_a_temp_file_that_is_removed_after_use(server
 
 
 def test_http_resolves_relative_references_against_base_url(server: str, temp_dir: Path) -> None:
-    config = {"allowed_hosts": ["127.0.0.1"], "base_url": f"http://{server}/", "temp_dir": str(temp_dir)}
+    config = {"allowed_hosts": [server], "base_url": f"http://{server}/", "temp_dir": str(temp_dir)}
     path = http_store.download_to_disk(config, "blob")
     assert os.path.getsize(path) == len(BLOB)
 
@@ -159,7 +159,7 @@ def test_http_refuses_hosts_not_allowed(server: str) -> None:
 
 
 def test_http_refuses_objects_over_max_bytes_and_leaves_no_temp_file(server: str, temp_dir: Path) -> None:
-    config = {"allowed_hosts": ["*"], "max_bytes": 1024 * 1024, "temp_dir": str(temp_dir)}
+    config = {"allowed_hosts": [server], "max_bytes": 1024 * 1024, "temp_dir": str(temp_dir)}
     with pytest.raises(AccessDenied, match="max_bytes"):
         http_store.download_to_disk(config, f"http://{server}/blob")  # declared length
     with pytest.raises(AccessDenied, match="max_bytes"):
@@ -168,7 +168,7 @@ def test_http_refuses_objects_over_max_bytes_and_leaves_no_temp_file(server: str
 
 
 def test_http_maps_status_codes_to_retry_or_refusal(server: str) -> None:
-    config = {"allowed_hosts": ["*"]}
+    config = {"allowed_hosts": [server]}
     with pytest.raises(NotFound):
         http_store.download_to_disk(config, f"http://{server}/missing")
     with pytest.raises(ConnectorError, match="503"):
@@ -180,7 +180,7 @@ def test_http_maps_status_codes_to_retry_or_refusal(server: str) -> None:
 def test_http_reports_an_unreachable_server_as_a_connector_error() -> None:
     with tempfile.TemporaryDirectory():
         with pytest.raises(ConnectorError, match="cannot fetch"):
-            http_store.download_to_disk({"allowed_hosts": ["*"], "timeout": 2}, "http://127.0.0.1:9/x")
+            http_store.download_to_disk({"allowed_hosts": ["127.0.0.1:9"], "timeout": 2}, "http://127.0.0.1:9/x")
 
 
 def test_a_reference_outside_base_dir_says_which_setting_to_change(base: Path) -> None:
@@ -213,3 +213,12 @@ def test_http_finishes_a_slow_download_within_total_timeout(server: str, temp_di
 def test_http_total_timeout_must_be_a_positive_number() -> None:
     with pytest.raises(ConfigError, match="data_store.total_timeout"):
         http_store.validate_config({"allowed_hosts": ["*"], "total_timeout": "soon"})
+
+
+def test_http_errors_show_the_url_without_its_query_or_user_info(server: str) -> None:
+    with pytest.raises(NotFound) as missing:
+        http_store.download_to_disk({"allowed_hosts": [server]}, f"http://{server}/missing?token=t0ps3cret")
+    assert str(missing.value) == f"http://{server}/missing answered 404"
+    with pytest.raises(ConnectorError) as unreachable:
+        http_store.download_to_disk({"allowed_hosts": ["127.0.0.1:9"], "timeout": 2}, "http://127.0.0.1:9/x?sig=abc")
+    assert "sig=abc" not in str(unreachable.value)

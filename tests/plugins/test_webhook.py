@@ -6,11 +6,12 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from standardwebhooks import Webhook
 
 from sqapi.app import Sqapi
 from sqapi.errors import ConnectorError, PermanentError
@@ -39,14 +40,24 @@ def test_the_receiver_gets_one_signed_notification_with_every_plugins_status(
 
     assert len(receiver.received) == 1
     got = receiver.received[0]
-    expected = "sha256=" + hmac.new(SECRET.encode(), got.body, hashlib.sha256).hexdigest()
-    assert got.headers["x-sqapi-signature"] == expected
+    # a plain secret is the key as it stands (its UTF-8 bytes); the specification's own library verifies
+    assert Webhook(SECRET.encode()).verify(got.body, got.headers) == json.loads(got.body)
+    assert "x-sqapi-signature" not in got.headers  # the legacy signature only when asked for
     payload = json.loads(got.body)
     assert payload["uuid"] == "m-1" and payload["data_type"] == "application/pdf"
     assert payload["hash_digest"] == run.message.hash_digest
     assert payload["plugins"] == STATUSES
     assert payload["metadata"] == {"owner": "ops"}
     assert payload["delivery_id"] == got.headers["x-sqapi-delivery"] == run.result["deliveries"][0]["delivery_id"]
+    assert got.headers["webhook-id"] == payload["delivery_id"]
+
+
+def test_the_legacy_signature_is_added_when_asked_for(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    notify(tmp_path, receiver, legacy_signature=True)
+    got = receiver.received[0]
+    assert got.headers["x-sqapi-signature"] == "sha256=" + hmac.new(SECRET.encode(), got.body,
+                                                                     hashlib.sha256).hexdigest()
+    Webhook(SECRET.encode()).verify(got.body, got.headers)
 
 
 def test_5xx_answers_are_retried_with_the_same_delivery_id(tmp_path: Path, receiver: WebhookReceiver) -> None:
@@ -86,19 +97,21 @@ def test_a_loopback_address_is_refused_unless_explicitly_allowed(tmp_path: Path,
 
 def test_a_name_resolving_to_loopback_is_refused_after_resolution(tmp_path: Path, receiver: WebhookReceiver) -> None:
     url = receiver.url.replace("127.0.0.1", "localhost")
-    with pytest.raises(PermanentError, match="localhost refused: it resolves to"):
+    with pytest.raises(PermanentError, match="'http://localhost:[0-9]+/hook' refused: localhost resolves to"):
         run_plugin(PLUGIN, b"data", tmp_path, config={"custom": {"webhook": {"urls": [url], "secret": SECRET}}})
     assert receiver.received == []
 
 
-def test_a_url_with_a_malformed_port_is_refused_permanently_without_its_credentials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("url, reason", [("http://127.0.0.1:99999999/hook?token=t0k", "bad port"),
+                                         ("http://user:pw@127.0.0.1:1/hook?token=t0k", "user info")])
+def test_a_malformed_url_is_refused_permanently_without_its_credentials(tmp_path: Path, url: str,
+                                                                        reason: str) -> None:
     from sqapi.testing import load_plugin
     plugin = load_plugin(PLUGIN, tmp_path, config={"custom": {"webhook": {
         "urls": ["http://127.0.0.1:1/hook"], "secret": SECRET, "allow_private_addresses": True}}})
     module: Any = plugin.module
-    url = "http://user:pw@127.0.0.1:99999999/hook?token=t0k"
-    with pytest.raises(PermanentError, match=r"'http://127.0.0.1:99999999/hook' refused: bad port") as info:
-        module.allowed_url(url, module.settings(plugin.config))
+    with pytest.raises(PermanentError, match=f"'http://127.0.0.1:[0-9]+/hook' refused: {reason}") as info:
+        module.host_guard(module.settings(plugin.config)).check(url)
     assert "pw" not in str(info.value) and "t0k" not in str(info.value)
 
 
@@ -134,24 +147,54 @@ def test_the_secret_never_reaches_the_logs(tmp_path: Path, receiver: WebhookRece
     assert caplog.records and SECRET not in caplog.text
 
 
-def _webhook_module() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sqapi_test_webhook_module", PLUGIN / "__init__.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _port(receiver: WebhookReceiver) -> int:
+    return int(receiver.server.server_address[1])
 
 
-@pytest.mark.parametrize("address", ["100.64.0.1", "100.127.255.254", "64:ff9b::a00:1", "64:ff9b::808:808",
-                                     "64:ff9b:1::1", "2002:7f00:1::1", "2002:a00:1::1", "::ffff:100.64.0.1",
-                                     "224.0.0.1", "240.0.0.1", "0.0.0.0", "::"])
-def test_addresses_that_are_not_globally_reachable_are_refused(address: str) -> None:
-    with pytest.raises(PermanentError, match="refused: it resolves to"):
-        _webhook_module().resolve_allowed(address, 443, allow_private=False)
+@pytest.fixture
+def canary() -> Iterator[WebhookReceiver]:
+    """A second receiver that must be told nothing."""
+    server = WebhookReceiver().start()
+    yield server
+    server.stop()
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "2001:4860:4860::8888"])
-def test_global_addresses_are_accepted(address: str) -> None:
-    assert _webhook_module().resolve_allowed(address, 443, allow_private=False) == address
+def test_an_allow_hosts_entry_without_a_port_allows_only_the_default_port(
+        make_app: Callable[..., Sqapi], receiver: WebhookReceiver) -> None:
+    app = make_app({"active_plugins": ["webhook"],
+                    "custom": {"webhook": webhook_settings(receiver, allow_hosts=["127.0.0.1"])}})
+    plugin = app.plugins.plugins["webhook"]
+    assert plugin.state == "failed"
+    assert f"port {_port(receiver)} of host 127.0.0.1 is not in custom.webhook.allow_hosts" in (plugin.reason or "")
+
+
+def test_a_loopback_receiver_named_with_its_port_needs_no_allow_private_addresses(
+        tmp_path: Path, receiver: WebhookReceiver) -> None:
+    notify(tmp_path, receiver, allow_private_addresses=False, allow_hosts=[f"127.0.0.1:{_port(receiver)}"])
+    assert len(receiver.received) == 1
+
+
+def test_a_callback_to_another_port_of_the_configured_host_is_refused_and_never_sent(
+        tmp_path: Path, receiver: WebhookReceiver, canary: WebhookReceiver) -> None:
+    with pytest.raises(PermanentError, match=f"port {_port(canary)} of host 127.0.0.1 is not in "
+                                             "custom.webhook.allow_hosts"):
+        run_plugin(PLUGIN, b"data", tmp_path, config=config(receiver, callback_field="callback"),
+                   body={"callback": canary.url})
+    assert canary.received == [] and len(receiver.received) == 1
+
+
+def test_a_callback_url_with_a_backslash_never_reaches_the_port_written_before_it(
+        tmp_path: Path, receiver: WebhookReceiver, canary: WebhookReceiver) -> None:
+    callback = f"http://127.0.0.1:{_port(canary)}\\@127.0.0.1:{_port(receiver)}/hook"
+    with pytest.raises(PermanentError, match="refused: a backslash in the host part"):
+        run_plugin(PLUGIN, b"data", tmp_path, config=config(receiver, callback_field="callback"),
+                   body={"callback": callback})
+    assert canary.received == [] and len(receiver.received) == 1
+
+
+def test_a_redirect_to_another_receiver_is_not_followed(tmp_path: Path, receiver: WebhookReceiver,
+                                                        canary: WebhookReceiver) -> None:
+    receiver.redirect_to = canary.url
+    with pytest.raises(PermanentError, match="redirect not followed"):
+        notify(tmp_path, receiver, allow_hosts=[f"127.0.0.1:{_port(receiver)}", f"127.0.0.1:{_port(canary)}"])
+    assert canary.received == []
