@@ -10,8 +10,10 @@ what a PDF library extracts can be compared with what was written.
 
 from __future__ import annotations
 
+import struct
 import sys
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SAMPLE = Path(__file__).parent / "data" / "report.pdf"
@@ -101,6 +103,70 @@ def build_bomb_pdf(inflated_bytes: int) -> bytes:
     data = b"".join(parts)
     content = b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(data) + data + b"\nendstream"
     return _document([content])
+
+
+# The three shapes below each hide a stream that inflates to ``inflated_bytes`` from a check that
+# reads the PDF by hand; PDFium reads all three.  The page content is a text line followed by
+# NUL bytes (white space in a content stream), compressed a chunk at a time: a 1 GiB bomb is
+# built with a few MiB of memory and is about a thousandth of its inflated size.
+_BOMB_TEXT = b"BT /F1 12 Tf 72 720 Td (bomb) Tj ET\n"
+
+
+def _bomb_content(inflated_bytes: int) -> Iterator[bytes]:
+    """``_BOMB_TEXT`` then NUL bytes, ``inflated_bytes`` in all, a MiB at a time."""
+    yield _BOMB_TEXT
+    chunk = bytes(1 << 20)
+    left = inflated_bytes - len(_BOMB_TEXT)
+    while left > 0:
+        yield chunk[:left]
+        left -= len(chunk)
+
+
+def _deflated_bomb(inflated_bytes: int) -> bytes:
+    compressor = zlib.compressobj(9)
+    return b"".join([*(compressor.compress(chunk) for chunk in _bomb_content(inflated_bytes)), compressor.flush()])
+
+
+def _bomb_object(dictionary: bytes, data: bytes, keyword: bytes = b"stream\n") -> bytes:
+    return b"<< /Length %d %s >>\n" % (len(data), dictionary) + keyword + data + b"\nendstream"
+
+
+def build_bomb_pdf_stream_then_space(inflated_bytes: int) -> bytes:
+    """A FlateDecode bomb whose ``stream`` keyword is followed by a space before its end of line."""
+    data = _deflated_bomb(inflated_bytes)
+    return _document([_bomb_object(b"/Filter /FlateDecode", data, keyword=b"stream \n")])
+
+
+def build_bomb_pdf_hex_then_flate(inflated_bytes: int) -> bytes:
+    """A bomb behind the filter chain ``[/ASCIIHexDecode /FlateDecode]``: its stream is the deflate data in hex."""
+    compressed = _deflated_bomb(inflated_bytes)
+    lines = [compressed[i:i + 32].hex().encode() + b"\n" for i in range(0, len(compressed), 32)]
+    return _document([_bomb_object(b"/Filter [/ASCIIHexDecode /FlateDecode]", b"".join(lines) + b">")])
+
+
+def build_bomb_pdf_endstream_in_stored_block(inflated_bytes: int) -> bytes:
+    """A FlateDecode bomb whose deflate data opens with a stored (uncompressed) block holding ``endstream``.
+
+    A reader that finds the end of the stream by its ``endstream`` keyword stops inside the
+    data; ``/Length``, which PDFium follows, covers all of it."""
+    stored = b"% endstream endobj\n"
+    # zlib header (deflate, 32 KiB window), then a stored block: BFINAL 0 and BTYPE 00 padded to a byte, LEN, NLEN
+    parts = [b"\x78\xda", b"\x00" + struct.pack("<HH", len(stored), 0xFFFF ^ len(stored)) + stored]
+    checksum = zlib.adler32(stored)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate blocks, after the stored one
+    for chunk in _bomb_content(inflated_bytes - len(stored)):
+        checksum = zlib.adler32(chunk, checksum)
+        parts.append(compressor.compress(chunk))
+    parts += [compressor.flush(), struct.pack(">I", checksum)]
+    return _document([_bomb_object(b"/Filter /FlateDecode", b"".join(parts))])
+
+
+#: every bomb shape that hides from a hand-written stream scanner, by name
+BOMB_SHAPES: dict[str, Callable[[int], bytes]] = {
+    "stream keyword then a space": build_bomb_pdf_stream_then_space,
+    "ASCIIHexDecode then FlateDecode": build_bomb_pdf_hex_then_flate,
+    "endstream inside a stored deflate block": build_bomb_pdf_endstream_in_stored_block,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -22,7 +22,7 @@ from sqapi.config import Config, load_config
 from tests.services import pg_schema, pg_section, postgres_server  # noqa: F401 (fixtures, used by name)
 
 SQAPI_ENV = ("CFG_FILE", "PLUGIN", "SQAPI_PLUGIN_DIRS", "SQAPI_DATA_DIR", "SQAPI_SPOOL_DIR", "SQAPI_DB",
-             "SQAPI_API_TOKEN", "SQAPI_EMBEDDED_DIR", "SQAPI_DB_SCHEMA")
+             "SQAPI_API_TOKEN", "SQAPI_EMBEDDED_DIR", "SQAPI_DB_SCHEMA", "SQAPI_PDF_MAX_MEMORY")
 
 
 @pytest.fixture(autouse=True)
