@@ -145,6 +145,9 @@ QUICK_CALL = 0.005
 MAX_SHARE = 256
 #: seconds between looks for a free worker while calls of a batch wait and every worker is busy
 PENDING_POLL = 0.05
+#: a worker that crashed having used this share of its plugin.max_memory or more says so (an allocation that
+#: failed at the cap makes a C library abort; the worker's peak is what it held before the one that failed)
+NEAR_MEMORY_CAP = 0.5
 
 
 # -- worker processes ------------------------------------------------------------------------------
@@ -475,8 +478,11 @@ class _Batch:
 
     def _lost(self, job: _Assigned) -> None:
         """The worker died during its call: that call crashed with it; the calls behind it go to another worker."""
-        _wait(job.worker.process)
+        peak = _reap(job.worker.process)
         ended = _ended(job.worker.process)
+        cap = self.pool.plugin.max_memory
+        if cap and peak is not None and peak >= cap * NEAR_MEMORY_CAP:  # a C library aborts when malloc fails
+            ended += f", having used {peak >> 20} MiB of its {cap >> 20} MiB memory limit (plugin.max_memory)"
         log.warning("plugin %s: worker process %s %s", self.pool.plugin.name, job.worker.pid, ended)
         self._blame(job, PluginFailed(f"its worker process {ended} during the call", retryable=True))
 
@@ -516,6 +522,27 @@ def _ran_of(answer: tuple[Any, ...]) -> Ran:
         return result, None, seconds
     _kind, _index, reason, retryable, details, seconds, _ended_at, _recycle = answer
     return None, PluginFailed(reason, retryable, details), seconds
+
+
+def _reap(process: subprocess.Popen[bytes]) -> int | None:
+    """Reap a worker whose socket closed (killed first if it has not ended within WORKER_STOP_TIMEOUT); the most
+    memory it held (bytes), when the system says."""
+    if process.returncode is not None:
+        return None
+    deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+    try:
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                return int(usage.ru_maxrss) * 1024
+            if time.monotonic() > deadline:
+                process.kill()
+                deadline = float("inf")
+            time.sleep(0.005)
+    except ChildProcessError:  # reaped already
+        _wait(process)
+        return None
 
 
 def _wait(process: subprocess.Popen[bytes]) -> None:
