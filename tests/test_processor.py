@@ -573,3 +573,16 @@ def test_a_huge_reason_is_stored_as_its_start_its_length_and_a_hash(make_app, wr
     assert outcome.status == "FAILED" and len(info) <= 2100 and len(outcome.reason or "") <= 2100
     assert info.startswith("gave up after 1 attempt: plugin wordy: RuntimeError: xxx")
     assert "chars, sha256 " in info
+
+
+def test_a_five_megabyte_data_location_is_refused_without_being_stored_or_logged_whole(
+        counting_app, caplog: pytest.LogCaptureFixture) -> None:
+    app = counting_app(msg_broker={"max_body_bytes": 8 << 20})  # let the body in: the field's own bound refuses it
+    location = "d" * (5 << 20)
+    with caplog.at_level("DEBUG"):
+        outcome = app.process(message("big-location", location), Delivery("d"))
+    assert (outcome.status, outcome.action) == ("FAILED", Action.DEAD_LETTER)
+    assert outcome.reason == "malformed message: data_location is 5242880 characters long, over 4096"
+    row = app.database.get_message("big-location")
+    assert row["status"] == "FAILED" and row["data_location"] is None and len(row["info"]) < 200
+    assert max(len(record.getMessage()) for record in caplog.records) < 2100
