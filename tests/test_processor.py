@@ -586,3 +586,17 @@ def test_a_five_megabyte_data_location_is_refused_without_being_stored_or_logged
     row = app.database.get_message("big-location")
     assert row["status"] == "FAILED" and row["data_location"] is None and len(row["info"]) < 200
     assert max(len(record.getMessage()) for record in caplog.records) < 2100
+
+
+def test_a_status_database_outage_does_not_use_up_the_attempts(counting_app, write_data) -> None:
+    from sqapi.errors import ConnectorError
+
+    app = counting_app()
+
+    def down(*_args, **_kwargs):
+        raise ConnectorError("PostgreSQL at db:5432 unavailable")
+
+    app.database.claim_attempts = app.database.record_attempt = app.database.record_attempts = down
+    outcome = app.process(message("u1", write_data("a.txt", "x")), Delivery("d", attempt=3))
+    assert (outcome.status, outcome.action) == ("RETRY", Action.RETRY)
+    assert outcome.attempt == 3 and outcome.counted is False  # the next delivery is attempt 3 again

@@ -216,7 +216,8 @@ class MessageParser:
         try:
             parsed = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise MessageError(f"body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")\
+            raise MessageError(f"body is not valid JSON ({exc.msg.removesuffix(' at')} at line {exc.lineno} "
+                               f"column {exc.colno})")\
                 from None
         except RecursionError:
             raise MessageError(f"body nests deeper than {MAX_DEPTH} levels") from None

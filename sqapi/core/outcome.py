@@ -37,6 +37,8 @@ class Outcome:
     delay: float = 0.0
     attempt: int = 1
     skipped: bool = False       # already DONE with the same data: no plugin ran
+    counted: bool = True        # False: nothing was tried (the status database was down): the next delivery
+                                # keeps this attempt's number, so an outage does not use up the retries
 
     def line(self) -> str:
         """``<uuid> <STATUS> [reason]``, as ``sqapi process`` prints it."""

@@ -219,7 +219,7 @@ class Processor:
         if isinstance(exc, ConnectorError):  # the status database is down (or aborted): nothing recorded, so redeliver
             log.error("status database failed, message %s will be redelivered: %s", delivery.id, exc)
             return Outcome(None, RETRY, Action.RETRY, reason=f"status database: {exc}",
-                           delay=self.policy.delay_for(delivery.attempt), attempt=delivery.attempt)
+                           delay=self.policy.delay_for(delivery.attempt), attempt=delivery.attempt, counted=False)
         # a bug of ours: keep the delivery (redelivered later), keep consuming -- up to its attempts
         log.error("internal error processing delivery %s", delivery.id, exc_info=exc)
         reason = abbreviate(f"internal error: {describe(exc)}", MAX_REASON_CHARS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,11 @@ def test_a_poison_message_is_retried_with_growing_delays_then_dead_lettered_with
     assert headers["x-sqapi-attempts"] == 3
     assert statuses(sqapi)["msg-poison"] == "FAILED"
     assert depth(vhost, "sqapi") == 0
+    # the delays waited in quorum queues, whose dead-lettering back to the main queue is at-least-once
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "type", "arguments"],
+                            capture_output=True, text=True, timeout=60).stdout
+    delays = [line for line in listed.splitlines() if line.startswith("sqapi.delay.")]
+    assert delays and all("quorum" in line and "at-least-once" in line for line in delays), listed
 
 
 def test_a_permanent_plugin_failure_is_dead_lettered_without_retry(app: Callable[..., Sqapi], vhost: str) -> None:
@@ -175,3 +181,28 @@ def test_batches_are_cut_to_the_measured_time_per_message(per_message: float | N
     session = SimpleNamespace(per_message=per_message, settings=BrokerSettings.from_config({}))
     assert BrokerSettings.from_config({}).batch_size == 128
     assert _Session.batch_limit(session) == expected  # type: ignore[arg-type]
+
+
+def test_a_message_that_cannot_be_set_aside_waits_with_growing_pauses_instead_of_spinning(
+        app: Callable[..., Sqapi], vhost: str) -> None:
+    """The dead-letter queue has no leader (its node is down; here: deleted): the message is requeued after pauses,
+    not at once, so it does not use up the main queue's delivery limit; once the queue is back it is set aside."""
+    import time
+
+    from tests.rabbitmq.conftest import connection
+
+    sqapi = app()
+    with connection(vhost) as conn:
+        conn.channel().queue_delete("sqapi.dead")
+    publish(vhost, [b"not json at all"])
+    with listening(sqapi):
+        time.sleep(3)
+        with connection(vhost) as conn:  # at most a few tries in 3 s (0.5, 1, 2 s pauses): no spin
+            channel = conn.channel()
+            channel.queue_declare("sqapi.dead", durable=True)
+            channel.queue_bind("sqapi.dead", "sqapi.dead")
+        wait_until(lambda: depth(vhost, "sqapi.dead") == 1, timeout=30, what="the message set aside at last")
+    [(properties, _body)] = take_all(vhost, "sqapi.dead")
+    assert properties.headers["x-sqapi-reason"].startswith("malformed message")
+    assert int(properties.headers.get("x-delivery-count", 0)) <= 5  # redelivered a handful of times, not hundreds
+    assert depth(vhost, "sqapi") == 0

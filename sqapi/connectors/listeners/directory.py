@@ -246,7 +246,8 @@ class Listener:
         elif outcome.action is Action.RETRY:
             due = time.time() + outcome.delay
             os.utime(path, (due, due))  # before the move (a rename keeps it): never due at once in retry/
-            self._move(path, self.root / RETRY / f"{attempt + 1}{RETRY_SEPARATOR}{name}")
+            following = attempt + 1 if outcome.counted else attempt  # nothing tried: the same attempt again
+            self._move(path, self.root / RETRY / f"{following}{RETRY_SEPARATOR}{name}")
         else:
             target = self._move(path, self.root / FAILED / name)
             lines = [outcome.reason or "failed"]

@@ -61,6 +61,8 @@ STUCK_SECONDS = 0.05  # no worker took a batch for this long while deliveries wa
 CPU_BOUND = 0.8       # ... or the process used less than this share of a core meanwhile
 BATCH_SECONDS = 0.5   # batches are cut to take about this long (see _Session.batch_limit)
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
+SET_ASIDE_PAUSE = 0.5      # seconds before requeueing a message that could not be set aside; doubles while it fails
+SET_ASIDE_MAX_PAUSE = 30.0
 
 
 def backoff(failures: int, initial: float, cap: float) -> float:
@@ -133,7 +135,8 @@ class BrokerSettings:
         return f"{self.queue_name}.dead"
 
     def delay_queue_name(self, delay_ms: int) -> str:
-        return f"{self.queue_name}.retry.{delay_ms}ms"
+        # quorum delay queues have names of their own: a classic one of the old name may still exist
+        return f"{self.queue_name}.{'delay' if self.quorum else 'retry'}.{delay_ms}ms"
 
     def where(self) -> str:
         """Where the broker is, for messages: never the password."""
@@ -204,13 +207,19 @@ def declare_topology(channel: BlockingChannel, settings: BrokerSettings) -> None
 
 
 def declare_delay_queue(channel: BlockingChannel, settings: BrokerSettings, delay_ms: int) -> str:
-    """A queue holding messages ``delay_ms`` then dead-lettering them back to the main queue only."""
+    """A queue holding messages ``delay_ms`` then dead-lettering them back to the main queue only.
+
+    With quorum queues (the default) it is a quorum queue too, replicated like the main one, and
+    its dead-lettering is at-least-once: a message whose delay ends while the main queue has no
+    leader (a node down, a restart) stays where it is until the main queue takes it.  (A classic
+    queue's dead-lettering is at most once: such a message would be dropped.)"""
     name = settings.delay_queue_name(delay_ms)
-    channel.queue_declare(name, durable=True, arguments={
-        "x-message-ttl": delay_ms,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": settings.queue_name,
-    })
+    arguments: dict[str, Any] = {"x-message-ttl": delay_ms, "x-dead-letter-exchange": "",
+                                 "x-dead-letter-routing-key": settings.queue_name}
+    if settings.quorum:
+        arguments.update({"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
+                          "x-overflow": "reject-publish"})
+    channel.queue_declare(name, durable=True, arguments=arguments)
     return name
 
 
@@ -267,6 +276,7 @@ class _Session:
         self.results: queue.SimpleQueue[_Settled] = queue.SimpleQueue()
         self.delay_queues: set[int] = set()
         self.cancelled_by_broker = False
+        self.set_aside_failures = 0  # in a row: the pause before requeueing a message that could not be set aside
         self._drain_scheduled = threading.Lock()
 
     def open(self) -> None:
@@ -363,11 +373,22 @@ class _Session:
             else:
                 self._publish_dead_letter(settled, outcome)
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-            log.error("could not set message %s aside (%s): requeued", outcome.uuid, type(exc).__name__)
-            self.channel.basic_nack(settled.tag, requeue=True)
-            self.unacked.pop(settled.tag, None)
+            # the queue it goes to has no leader now (a node down): requeue it, but only after a pause that grows,
+            # so that it neither spins nor uses up the main queue's delivery limit while the node is away
+            self.set_aside_failures += 1
+            pause = min(SET_ASIDE_MAX_PAUSE, SET_ASIDE_PAUSE * 2 ** (self.set_aside_failures - 1))
+            log.error("could not set message %s aside (%s): requeued in %gs", outcome.uuid, type(exc).__name__,
+                      pause)
+            self.connection.call_later(pause, lambda: self._requeue_later(settled.tag))
             return
+        self.set_aside_failures = 0
         self.unacked[settled.tag] = True
+
+    def _requeue_later(self, tag: int) -> None:
+        if tag in self.unacked and self.channel.is_open:  # a lost channel requeued it already
+            self.channel.basic_nack(tag, requeue=True)
+            del self.unacked[tag]
+            self._flush_acks()
 
     def _publish_retry(self, settled: _Settled, outcome: Outcome) -> None:
         delay_ms = max(1, int(round(outcome.delay * 1000)))
@@ -375,7 +396,7 @@ class _Session:
             declare_delay_queue(self.channel, self.settings, delay_ms)
             self.delay_queues.add(delay_ms)
         headers = dict(settled.properties.headers or {})
-        headers[ATTEMPT_HEADER] = outcome.attempt + 1
+        headers[ATTEMPT_HEADER] = outcome.attempt + 1 if outcome.counted else outcome.attempt
         headers[LAST_ERROR_HEADER] = _clip(outcome.reason)
         self.channel.basic_publish("", self.settings.delay_queue_name(delay_ms), settled.body,
                                    properties=self._copy_properties(settled.properties, headers),
