@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,11 +81,6 @@ def test_a_poison_message_is_retried_with_growing_delays_then_dead_lettered_with
     assert headers["x-sqapi-attempts"] == 3
     assert statuses(sqapi)["msg-poison"] == "FAILED"
     assert depth(vhost, "sqapi") == 0
-    # the delays waited in quorum queues, whose dead-lettering back to the main queue is at-least-once
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "type", "arguments"],
-                            capture_output=True, text=True, timeout=60).stdout
-    delays = [line for line in listed.splitlines() if line.startswith("sqapi.delay.")]
-    assert delays and all("quorum" in line and "at-least-once" in line for line in delays), listed
 
 
 def test_a_permanent_plugin_failure_is_dead_lettered_without_retry(app: Callable[..., Sqapi], vhost: str) -> None:
