@@ -161,6 +161,31 @@ def take_all(vhost: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]
             taken.append((properties, body))
 
 
+def queue_types(vhost: str) -> dict[str, tuple[str, str]]:
+    """Every queue of the vhost: name -> (type, its arguments as rabbitmqctl prints them)."""
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "--no-table-headers",
+                             "name", "type", "arguments"], capture_output=True, text=True, timeout=60)
+    if listed.returncode != 0:
+        pytest.fail(f"rabbitmqctl list_queues failed: {listed.stderr.strip()}; start RabbitMQ with `{START}`",
+                    pytrace=False)
+    rows = [line.split("\t") for line in listed.stdout.splitlines() if line.strip()]
+    return {row[0]: (row[1], row[2] if len(row) > 2 else "") for row in rows}
+
+
+@contextmanager
+def queue_unresponsive(vhost: str, queue: str) -> Iterator[None]:
+    """The quorum queue's Raft server suspended -- alive, answering nothing, as a queue whose node is
+    recovering looks to a publisher (a confirm that never comes); resumed on exit.  Only this test's
+    vhost's queue on the shared node is touched."""
+    lookup = (f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"{vhost}">>, queue, <<"{queue}">>)), '
+              '{Name, _} = amqqueue:get_pid(Q), ')
+    rabbitmqctl("eval", lookup + "sys:suspend(whereis(Name)).")
+    try:
+        yield
+    finally:
+        rabbitmqctl("eval", lookup + "sys:resume(whereis(Name)).")
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

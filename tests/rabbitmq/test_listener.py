@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
 from sqapi.app import Sqapi
 from sqapi.connectors.listeners.rabbitmq import BrokerSettings, Listener, backoff
 from sqapi.errors import ConnectorError
-from tests.rabbitmq.conftest import declare, depth, listening, message, publish, take_all, wait_until
+from tests.rabbitmq.conftest import (
+    connection,
+    declare,
+    depth,
+    listening,
+    message,
+    publish,
+    queue_types,
+    queue_unresponsive,
+    take_all,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -81,6 +94,10 @@ def test_a_poison_message_is_retried_with_growing_delays_then_dead_lettered_with
     assert headers["x-sqapi-attempts"] == 3
     assert statuses(sqapi)["msg-poison"] == "FAILED"
     assert depth(vhost, "sqapi") == 0
+    # the delays waited in quorum queues, whose dead-lettering back to the main queue is at-least-once
+    delays = {name: kind for name, kind in queue_types(vhost).items() if name.startswith("sqapi.delay.")}
+    assert set(delays) == {"sqapi.delay.300ms", "sqapi.delay.600ms", "sqapi.delay.1200ms", "sqapi.delay.5000ms"}
+    assert all(kind == "quorum" and "at-least-once" in arguments for kind, arguments in delays.values()), delays
 
 
 def test_a_permanent_plugin_failure_is_dead_lettered_without_retry(app: Callable[..., Sqapi], vhost: str) -> None:
@@ -178,25 +195,99 @@ def test_batches_are_cut_to_the_measured_time_per_message(per_message: float | N
 
 
 def test_a_message_that_cannot_be_set_aside_waits_with_growing_pauses_instead_of_spinning(
-        app: Callable[..., Sqapi], vhost: str) -> None:
-    """The dead-letter queue has no leader (its node is down; here: deleted): the message is requeued after pauses,
-    not at once, so it does not use up the main queue's delivery limit; once the queue is back it is set aside."""
+        app: Callable[..., Sqapi], vhost: str, broker: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The dead-letter queue has no leader (its node is down; here: deleted once the listener consumes): the
+    message is requeued after pauses, not at once, so it does not use up the main queue's delivery limit; once
+    the queue is back it is set aside."""
     import time
 
-    from tests.rabbitmq.conftest import connection
-
+    caplog.set_level("WARNING")  # whatever an earlier test's `sqapi` command left the root logger at
     sqapi = app()
-    with connection(vhost) as conn:
-        conn.channel().queue_delete("sqapi.dead")
-    publish(vhost, [b"not json at all"])
-    with listening(sqapi):
+    with listening(sqapi) as listener:
+        wait_until(lambda: listener.sessions == 1 and "sqapi.delay.5000ms" in queue_types(vhost),
+                   what="the listener consuming")
+        with connection(vhost) as conn:
+            conn.channel().queue_delete("sqapi.dead")
+        publish(vhost, [b"not json at all"])
         time.sleep(3)
-        with connection(vhost) as conn:  # at most a few tries in 3 s (0.5, 1, 2 s pauses): no spin
-            channel = conn.channel()
-            channel.queue_declare("sqapi.dead", durable=True)
-            channel.queue_bind("sqapi.dead", "sqapi.dead")
+        assert "sqapi.dead" not in queue_types(vhost)
+        declare(vhost, broker)  # at most a few tries in 3 s (0.5, 1, 2 s pauses): no spin
         wait_until(lambda: depth(vhost, "sqapi.dead") == 1, timeout=30, what="the message set aside at last")
     [(properties, _body)] = take_all(vhost, "sqapi.dead")
     assert properties.headers["x-sqapi-reason"].startswith("malformed message")
-    assert int(properties.headers.get("x-delivery-count", 0)) <= 5  # redelivered a handful of times, not hundreds
+    pauses = [r.getMessage().rsplit(" ", 1)[1] for r in caplog.records if "could not set message" in r.getMessage()]
+    assert pauses[:3] == ["0.5s", "1s", "2s"] and len(pauses) <= 5, pauses  # a handful of tries, not hundreds
     assert depth(vhost, "sqapi") == 0
+
+
+def test_the_delay_queues_and_a_quorum_dead_letter_queue_exist_before_the_first_retry(
+        app: Callable[..., Sqapi], vhost: str) -> None:
+    """Declared when the session opens, not on the first retry: a declaration that stalls stalls there."""
+    sqapi = app()
+    with listening(sqapi):
+        wait_until(lambda: "sqapi.delay.5000ms" in queue_types(vhost), what="the delay queues declared")
+    types = queue_types(vhost)
+    assert types["sqapi.dead"][0] == "quorum"
+    assert types["sqapi.delay.300ms"][0] == "quorum" and "reject-publish" in types["sqapi.delay.300ms"][1]
+    assert not any(".retry." in name for name in types), types  # classic delay queues only with quorum: false
+
+
+def test_an_existing_classic_dead_letter_queue_is_kept_and_used(app: Callable[..., Sqapi], vhost: str) -> None:
+    with connection(vhost) as conn:  # as an earlier release declared it
+        channel = conn.channel()
+        channel.exchange_declare("sqapi.dead", exchange_type="fanout", durable=True)
+        channel.queue_declare("sqapi.dead", durable=True)
+        channel.queue_bind("sqapi.dead", "sqapi.dead")
+    sqapi = app()
+    publish(vhost, [b"not json", message("fine")])
+    with listening(sqapi) as listener:
+        wait_until(lambda: depth(vhost, "sqapi.dead") == 1 and done_count(sqapi) == 1, what="set aside, and DONE")
+    assert listener.sessions == 1
+    assert queue_types(vhost)["sqapi.dead"][0] == "classic"
+    [(properties, _body)] = take_all(vhost, "sqapi.dead")
+    assert properties.headers["x-sqapi-reason"].startswith("malformed message")
+
+
+def test_a_confirm_that_never_comes_drops_the_session_and_nothing_is_lost(
+        app: Callable[..., Sqapi], vhost: str, write_data: Callable[[str, bytes | str], str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The first delay queue's Raft server answers nothing (a node recovering): the retry's publisher confirm
+    never comes.  After confirm_timeout the session is dropped (not waited on for ever) and a new one opens.
+    The broker's own channel waits on that queue too and keeps what it was handed until the queue answers
+    again; then the stalled message comes back and ends DONE, and so does one published meanwhile."""
+    caplog.set_level("WARNING")
+    sqapi = app(confirm_timeout=1)
+    with listening(sqapi) as listener:
+        wait_until(lambda: "sqapi.delay.300ms" in queue_types(vhost), what="the delay queues declared")
+        with queue_unresponsive(vhost, "sqapi.delay.300ms"):
+            publish(vhost, [message("late", data_location="late.txt")])
+            wait_until(lambda: (sqapi.database.get_message("msg-late") or {}).get("status") == "RETRY",
+                       what="the first attempt to fail")
+            write_data("late.txt", "here now")
+            wait_until(lambda: listener.sessions >= 2, what="the stalled session dropped and a new one opened")
+            wait_until(lambda: any("did not answer the set-aside of message msg-late within 1s" in r.getMessage()
+                                   for r in caplog.records), what="the stall logged with its reason")
+            publish(vhost, [message("after")])
+        wait_until(lambda: done_count(sqapi) == 2, what="both DONE once the queue answers again")
+        wait_until(lambda: depth(vhost, "sqapi") == 0, what="the main queue empty")
+    assert statuses(sqapi) == {"msg-late": "DONE", "msg-after": "DONE"}
+    assert depth(vhost, "sqapi.dead") == 0
+
+
+def test_a_huge_attempt_header_neither_overflows_the_delay_nor_stops_the_consumer(
+        app: Callable[..., Sqapi], vhost: str) -> None:
+    from sqapi.core.outcome import RetryPolicy
+
+    assert RetryPolicy().delay_for(10 ** 6) == RetryPolicy().max_delay
+    sqapi = app()
+    with connection(vhost) as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("sqapi", "sqapi", json.dumps(message("huge", fail=True)).encode(),
+                              pika.BasicProperties(delivery_mode=2, headers={"x-sqapi-attempt": 10 ** 6}))
+    publish(vhost, [message("fine")])
+    with listening(sqapi):
+        wait_until(lambda: depth(vhost, "sqapi.dead") == 1 and done_count(sqapi) == 1,
+                   what="the huge-attempt message set aside and the next one DONE")
+    [(properties, _body)] = take_all(vhost, "sqapi.dead")
+    assert "this message always fails" in properties.headers["x-sqapi-reason"]

@@ -4,10 +4,16 @@ Topology, declared (idempotently) by every loader and by ``sqapi publish``::
 
     exchange <exchange_name> (<exchange_type>) --routing_key--> queue <queue_name>
         quorum queue (default) with x-delivery-limit; dead-letters to <queue>.dead
-    queue <queue>.retry.<ms>ms    one per retry delay: TTL <ms>, then dead-lettered back to
-                                  <queue_name> through the default exchange (only this queue)
+    queue <queue>.delay.<ms>ms    one per retry delay, declared when a session opens: TTL <ms>,
+                                  then dead-lettered back to <queue_name> through the default
+                                  exchange (only this queue); quorum queues dead-lettering
+                                  at-least-once (<queue>.retry.<ms>ms, classic, with quorum: false)
     exchange + queue <queue>.dead where given-up and malformed messages wait, with headers
-                                  x-sqapi-reason, x-sqapi-plugin, x-sqapi-attempts
+                                  x-sqapi-reason, x-sqapi-plugin, x-sqapi-attempts; a quorum
+                                  queue (an existing classic one is kept)
+
+Every blocking exchange with the broker (a publisher confirm, a declaration) is bounded by
+``confirm_timeout``: past it the session is dropped and opened again (see :func:`deadline`).
 
 Delivery: pika's I/O loop runs in the thread that called :meth:`Listener.start_listeners`;
 deliveries wait in a queue that worker threads (up to ``workers``) take from, each taking up to
@@ -28,12 +34,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +52,7 @@ from pika.spec import Basic, BasicProperties
 
 from sqapi.config import require_keys
 from sqapi.connectors.listeners import ProcessBatch, ProcessMessage
-from sqapi.core.outcome import Action, Delivery, Outcome
+from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
 from sqapi.errors import ConfigError, ConnectorError
 
 log = logging.getLogger(__name__)
@@ -96,6 +104,7 @@ class BrokerSettings:
     max_inflight_bytes: int = 256 << 20
     reconnect_initial: float = 0.5
     reconnect_max: float = 30.0
+    confirm_timeout: float = 30.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BrokerSettings:
@@ -128,6 +137,7 @@ class BrokerSettings:
             max_inflight_bytes=inflight,
             reconnect_initial=float(reconnect.get("initial_delay", cls.reconnect_initial)),
             reconnect_max=float(reconnect.get("max_delay", cls.reconnect_max)),
+            confirm_timeout=float(config.get("confirm_timeout") or cls.confirm_timeout),
         )
 
     @property
@@ -135,7 +145,8 @@ class BrokerSettings:
         return f"{self.queue_name}.dead"
 
     def delay_queue_name(self, delay_ms: int) -> str:
-        return f"{self.queue_name}.retry.{delay_ms}ms"
+        # quorum delay queues have names of their own: a classic one of the old name may still hold messages
+        return f"{self.queue_name}.{'delay' if self.quorum else 'retry'}.{delay_ms}ms"
 
     def where(self) -> str:
         """Where the broker is, for messages: never the password."""
@@ -163,6 +174,10 @@ def validate_config(config: dict[str, Any]) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"msg_broker.{key}", f"must be a whole number, not {value!r}",
                               f"set msg_broker.{key} to a number like {getattr(BrokerSettings, key)}")
+    timeout = config.get("confirm_timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+        raise ConfigError("msg_broker.confirm_timeout", f"must be a number of seconds above 0, not {timeout!r}",
+                          "set msg_broker.confirm_timeout, e.g. 30")
     kind = config.get("exchange_type") or "direct"
     if kind not in EXCHANGE_TYPES:
         raise ConfigError("msg_broker.exchange_type", f"unknown exchange type '{kind}'",
@@ -192,7 +207,7 @@ def declare_topology(channel: BlockingChannel, settings: BrokerSettings) -> None
     """The exchange, the main queue (bound) and the dead-letter exchange and queue."""
     dead = settings.dead_letter_name
     channel.exchange_declare(dead, exchange_type="fanout", durable=True)
-    channel.queue_declare(dead, durable=True)
+    _declare_keeping_existing(channel, dead, {"x-queue-type": "quorum"} if settings.quorum else {})
     channel.queue_bind(dead, dead)
     arguments: dict[str, Any] = {"x-dead-letter-exchange": dead}
     if settings.quorum:
@@ -205,21 +220,88 @@ def declare_topology(channel: BlockingChannel, settings: BrokerSettings) -> None
         channel.queue_bind(settings.queue_name, settings.exchange_name, routing_key=settings.routing_key)
 
 
+def _declare_keeping_existing(channel: BlockingChannel, name: str, arguments: dict[str, Any]) -> None:
+    """Declare a durable queue; one that exists with other arguments (a classic ``.dead`` of an earlier
+    release, where a quorum one is declared now) is kept as it is -- declared on a channel of its own,
+    since RabbitMQ closes the channel that asked for the inequivalent one."""
+    probe = channel.connection.channel()
+    try:
+        probe.queue_declare(name, durable=True, arguments=arguments)
+        return
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:  # PRECONDITION_FAILED: it exists, with other arguments
+            raise
+        log.info("queue '%s' exists with other arguments than sqapi declares now (%s): kept as it is",
+                 name, _clip(exc.reply_text))
+    finally:
+        if probe.is_open:
+            probe.close()
+    channel.queue_declare(name, passive=True)
+
+
 def declare_delay_queue(channel: BlockingChannel, settings: BrokerSettings, delay_ms: int) -> str:
     """A queue holding messages ``delay_ms`` then dead-lettering them back to the main queue only.
 
-    A classic queue: its dead-lettering is at most once, so a message whose delay ends while the
-    main queue has no leader (its node down or restarting) is dropped -- measured by
-    bench/faults.py (docs/faults.md).  Quorum delay queues (at-least-once dead-lettering) were
-    tried: one that came back from a node crash without a leader held the loader's publisher
-    confirm, and pika's blocking channel waits for a confirm with no timeout."""
+    With quorum queues (the default) it is a quorum queue too, replicated like the main one, and
+    its dead-lettering is at-least-once: a message whose delay ends while the main queue has no
+    leader (a node down, a restart) stays where it is until the main queue takes it.  A classic
+    queue's dead-lettering is at most once: such a message would be dropped (bench/faults.py
+    measured it, docs/faults.md)."""
     name = settings.delay_queue_name(delay_ms)
-    channel.queue_declare(name, durable=True, arguments={
-        "x-message-ttl": delay_ms,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": settings.queue_name,
-    })
+    arguments: dict[str, Any] = {"x-message-ttl": delay_ms, "x-dead-letter-exchange": "",
+                                 "x-dead-letter-routing-key": settings.queue_name}
+    if settings.quorum:
+        arguments.update({"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
+                          "x-overflow": "reject-publish"})
+    channel.queue_declare(name, durable=True, arguments=arguments)
     return name
+
+
+def retry_delays_ms(policy: RetryPolicy) -> list[int]:
+    """The delay (ms) of every retry the policy can ask for: their queues are declared when a session opens."""
+    delays = {policy.delay_for(attempt) for attempt in range(1, max(1, policy.max_attempts) + 1)}
+    delays.add(policy.delay_for(10 ** 6))  # a redelivery that does not count an attempt may come from any attempt
+    return sorted({max(1, int(round(delay * 1000))) for delay in delays})
+
+
+def abandon(connection: BlockingConnection) -> None:
+    """Drop a connection at once, without AMQP's closing handshake.
+
+    A broker that held a publisher confirm may not answer Connection.Close either (measured: a
+    publish waiting on a quorum queue that answered nothing; the Close-Ok never came).  Shutting
+    the socket down makes the broker end the connection and requeue what it delivered on it."""
+    sock = getattr(getattr(connection._impl, "_transport", None), "_sock", None)  # pika has no public abort
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already
+
+
+class BrokerStalled(ConnectorError):
+    """RabbitMQ did not answer within ``confirm_timeout``: the session is dropped and opened again."""
+
+
+@contextlib.contextmanager
+def deadline(connection: BlockingConnection, seconds: float, what: str) -> Iterator[None]:
+    """Bound a blocking exchange with the broker (a publisher confirm, a declaration) to ``seconds``.
+
+    pika's blocking channel waits for a publisher confirm or a declaration's answer with no
+    timeout, and RabbitMQ holds a confirm while the queue has no leader (a quorum queue whose node
+    is down or still recovering).  A timer on pika's own I/O loop -- the loop that runs while pika
+    waits -- raises :class:`BrokerStalled` out of the wait.  The connection is unusable afterwards
+    (a late confirm would answer the next publish): the caller drops it, and the broker requeues
+    what it had delivered on it.
+    """
+    def expired() -> None:
+        raise BrokerStalled(f"RabbitMQ did not answer {what} within {seconds:g}s (msg_broker.confirm_timeout)")
+
+    ioloop = connection._impl.ioloop  # pika exposes no timeout for its blocking waits
+    timer = ioloop.call_later(seconds, expired)
+    try:
+        yield
+    finally:
+        ioloop.remove_timeout(timer)
 
 
 def attempt_of(properties: BasicProperties) -> int:
@@ -276,14 +358,29 @@ class _Session:
         self.delay_queues: set[int] = set()
         self.cancelled_by_broker = False
         self.set_aside_failures = 0  # in a row: the pause before requeueing a message that could not be set aside
+        self.stalled = False  # the broker did not answer in time: the connection is abandoned, not closed
         self._drain_scheduled = threading.Lock()
 
     def open(self) -> None:
-        self.channel.confirm_delivery()
-        declare_topology(self.channel, self.settings)
-        self.channel.basic_qos(prefetch_count=self.settings.prefetch)
-        self.channel.add_on_cancel_callback(self._on_cancel)
-        self.consumer_tag = self.channel.basic_consume(self.settings.queue_name, self._on_message)
+        with self.deadline("declaring the topology"):
+            self.channel.confirm_delivery()
+            declare_topology(self.channel, self.settings)
+            # every delay queue now, not on the first retry: a declaration that stalls stalls here, before consuming
+            for delay_ms in retry_delays_ms(RetryPolicy.from_config(self.listener.config)):
+                declare_delay_queue(self.channel, self.settings, delay_ms)
+                self.delay_queues.add(delay_ms)
+            self.channel.basic_qos(prefetch_count=self.settings.prefetch)
+            self.channel.add_on_cancel_callback(self._on_cancel)
+            self.consumer_tag = self.channel.basic_consume(self.settings.queue_name, self._on_message)
+
+    @contextlib.contextmanager
+    def deadline(self, what: str) -> Iterator[None]:
+        try:
+            with deadline(self.connection, self.settings.confirm_timeout, what):
+                yield
+        except BrokerStalled:
+            self.stalled = True
+            raise
 
     # -- I/O thread -------------------------------------------------------------------------
     def _on_cancel(self, _frame: Any) -> None:
@@ -367,10 +464,11 @@ class _Session:
             self.unacked[settled.tag] = True        # acked in _flush_acks, possibly with others
             return
         try:
-            if outcome.action is Action.RETRY:
-                self._publish_retry(settled, outcome)
-            else:
-                self._publish_dead_letter(settled, outcome)
+            with self.deadline(f"the set-aside of message {outcome.uuid or 'without uuid'}"):
+                if outcome.action is Action.RETRY:
+                    self._publish_retry(settled, outcome)
+                else:
+                    self._publish_dead_letter(settled, outcome)
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
             # the queue it goes to has no leader now (a node down): requeue it, but only after a pause that grows,
             # so that it neither spins nor uses up the main queue's delivery limit while the node is away
@@ -506,11 +604,15 @@ class _Session:
             return self.running
 
     def close(self) -> None:
-        try:
-            if self.connection.is_open:
-                self.connection.close()
-        except pika.exceptions.AMQPError:
-            pass
+        if not self.stalled:
+            try:
+                if self.connection.is_open:
+                    with self.deadline("closing the connection"):
+                        self.connection.close()
+            except (pika.exceptions.AMQPError, ConnectorError, OSError):
+                pass  # gone already, or stalled (then abandoned below)
+        if self.stalled:
+            abandon(self.connection)
 
 
 class Listener:
@@ -612,9 +714,13 @@ class Publisher:
         self._connection = connect(self.settings)
         try:
             self._channel = self._connection.channel()
-            self._channel.confirm_delivery()
-            declare_topology(self._channel, self.settings)
-        except pika.exceptions.AMQPError as exc:
+            with deadline(self._connection, self.settings.confirm_timeout, "declaring the topology"):
+                self._channel.confirm_delivery()
+                declare_topology(self._channel, self.settings)
+        except (pika.exceptions.AMQPError, BrokerStalled) as exc:
+            if isinstance(exc, BrokerStalled):
+                abandon(self._connection)
+                self._connection = None
             self.close()
             raise ConnectorError(f"RabbitMQ at {self.settings.where()}: cannot declare the topology: "
                                  f"{_describe(exc)}") from None
@@ -628,9 +734,16 @@ class Publisher:
         key = self.settings.routing_key if routing_key is None else routing_key
         properties = BasicProperties(content_type="application/json", delivery_mode=PERSISTENT,
                                      message_id=message_id, headers=headers, timestamp=int(time.time()))
+        assert self._connection is not None
         try:
-            self._channel.basic_publish(self.settings.exchange_name, key, body, properties=properties,
-                                        mandatory=True)
+            with deadline(self._connection, self.settings.confirm_timeout, "a publish"):
+                self._channel.basic_publish(self.settings.exchange_name, key, body, properties=properties,
+                                            mandatory=True)
+        except BrokerStalled:
+            # a late confirm would answer the next publish: the next one opens a new connection
+            abandon(self._connection)
+            self._connection = self._channel = None
+            raise
         except pika.exceptions.UnroutableError:
             raise ConnectorError(f"unroutable: exchange '{self.settings.exchange_name}' has no queue bound for "
                                  f"routing key '{key}'") from None
@@ -653,8 +766,11 @@ class Publisher:
         if self._connection is not None:
             try:
                 if self._connection.is_open:
-                    self._connection.close()
-            except pika.exceptions.AMQPError:
+                    with deadline(self._connection, self.settings.confirm_timeout, "closing the connection"):
+                        self._connection.close()
+            except BrokerStalled:
+                abandon(self._connection)
+            except (pika.exceptions.AMQPError, OSError):
                 pass
         self._connection = None
         self._channel = None
