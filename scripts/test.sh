@@ -11,3 +11,5 @@ echo "== mypy"
 $BIN/mypy
 echo "== pytest"
 $BIN/python -m pytest -q -p no:cacheprovider "$@"
+echo "== wheel"
+bash scripts/wheel_smoke.sh

@@ -126,6 +126,8 @@ def main(ctx: click.Context, config_path: str | None, log_level: str | None, jso
       sqapi messages --status FAILED         what failed, and why
       sqapi status UUID                      one message with each plugin's outcome
       sqapi check                            reach every configured system
+      sqapi init [DIR]                       write a production config to edit, and a plugins/ folder
+      sqapi new-plugin NAME                  scaffold a working plugin with its test
     """
     ctx.obj = Options(config=config_path, log_level=log_level, json_logs=json_logs)
 
@@ -349,6 +351,8 @@ def process(ctx: click.Context, config_path: str | None, attempts: int, items: t
     app = build_or_exit(config, processing=True)
     register_plugin_secrets(ctx, app)
     app.processor.policy = dataclasses.replace(app.processor.policy, max_attempts=attempts)
+    if not app.plugins.active:
+        click.echo(f"warning: {no_active_plugin(config, app)}", err=True)
     failed = 0
     try:
         messages = list(iter_items(items, (config.get("data_store") or {}).get("base_dir")))
@@ -366,6 +370,18 @@ def process(ctx: click.Context, config_path: str | None, attempts: int, items: t
         app.close()
     if failed:
         sys.exit(1)
+
+
+def no_active_plugin(config: Config, app: Sqapi) -> str:
+    """Why nothing will run: where plugins were looked for, and what was found there."""
+    from sqapi.core.plugins import plugin_dirs
+
+    folders = ", ".join(str(p) for p in plugin_dirs(config)) or "none (no plugins/ here, no plugin_dirs)"
+    found = ", ".join(f"{p.name} ({p.state}{': ' + p.reason if p.reason else ''})"
+                      for p in app.plugins.plugins.values()) or "none"
+    return (f"no active plugin: messages end DONE without any plugin run. Looked in plugin folders: {folders}; "
+            f"and in installed packages (entry point group sqapi.plugins, sqapi's built-ins included). "
+            f"Found: {found}. See `sqapi plugins`.")
 
 
 def process_with_retries(app: Sqapi, raw: bytes | dict[str, Any], delivery_id: str, attempts: int) -> Outcome:
@@ -708,6 +724,36 @@ def messages(ctx: click.Context, config_path: str | None, status_filter: str | N
             click.echo(json.dumps(row, default=str))
         else:
             click.echo(f"{row['uuid']} {row['status']} {row['updated_at']} {row.get('info') or ''}".rstrip())
+
+
+@main.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--force", is_flag=True, help="Overwrite an existing sqapi.yml.")
+def init(directory: Path, force: bool) -> None:
+    """Write a commented production config (DIRECTORY/sqapi.yml) and a plugins/ folder to edit.
+
+    The config is sqapi's production profile -- RabbitMQ, Redis, PostgreSQL, data on disk --
+    with every host and secret from an environment variable; `sqapi check -c sqapi.yml` then
+    says what it reaches."""
+    from sqapi.resources import CONF_TEMPLATES
+
+    target = directory / "sqapi.yml"
+    if target.exists() and not force:
+        raise click.ClickException(f"{target} exists: edit it, or add --force to overwrite it")
+    directory.mkdir(parents=True, exist_ok=True)
+    template = (CONF_TEMPLATES / "sqapi.yml").read_text(encoding="utf-8")
+    target.write_text(f"# Written by `sqapi init` (sqapi {__version__}); yours to edit.\n{template}", encoding="utf-8")
+    plugins = directory / "plugins"
+    plugins.mkdir(exist_ok=True)
+    readme = plugins / "README.md"
+    if not readme.exists():
+        readme.write_text(
+            "# Your plugins\n\nOne folder per plugin: `__init__.py` with `execute(config, database, message, "
+            "metadata, data)`, and optionally `config.yml`, `scripts/init.sql`, `blueprints/`.\n"
+            "`sqapi new-plugin NAME` writes a working one with its test; `sqapi plugins` lists what is found.\n"
+            "A plugin here replaces a built-in of the same name.\n", encoding="utf-8")
+    click.echo(f"wrote {target} and {plugins}/")
+    click.echo(f"next:  sqapi check -c {target}    then    sqapi run -c {target}")
 
 
 @main.command("new-plugin")

@@ -261,3 +261,38 @@ def test_process_of_a_file_outside_base_dir_says_how_to_fix_it(workdir: Path) ->
     assert result.returncode == 1
     assert result.stdout.strip().endswith(f"data_location '{workdir / 'elsewhere.txt'}' is outside base_dir "
                                           "(set data_store.base_dir or $SQAPI_DATA_DIR to a folder that holds it)")
+
+
+def test_process_with_no_active_plugin_says_so_and_where_it_looked(samples: Path) -> None:
+    (samples / "sqapi.yml").write_text("active_plugins: []\n")
+    done = sqapi("-c", "sqapi.yml", "process", "samples/data/hello.txt", cwd=samples)
+    assert done.returncode == 0, done.stderr
+    assert " DONE" in done.stdout
+    warning = done.stderr
+    assert "warning: no active plugin: messages end DONE without any plugin run" in warning
+    assert str(samples / "plugins") in warning  # the folder it looked in
+    assert "entry point group sqapi.plugins" in warning
+    assert "pdf_extractor (unloaded: not in active_plugins)" in warning
+    # with a plugin active, no warning
+    done = sqapi("process", "samples/data/hello.txt", cwd=samples)
+    assert "no active plugin" not in done.stderr
+
+
+def test_init_writes_a_production_config_that_loads_and_a_plugins_folder(tmp_path: Path) -> None:
+    from sqapi.config import load_config
+
+    done = sqapi("init", "deploy", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = tmp_path / "deploy" / "sqapi.yml"
+    assert (tmp_path / "deploy" / "plugins").is_dir()
+    assert "sqapi new-plugin NAME" in (tmp_path / "deploy" / "plugins" / "README.md").read_text()
+    text = written.read_text()
+    assert text.startswith("# Written by `sqapi init`") and "SQAPI_RABBITMQ_PASSWORD" in text
+    config = load_config(str(written))
+    assert config.msg_broker.type == "rabbitmq" and config.database.type == "postgres"
+    written.write_text("# mine\n")
+    again = sqapi("init", "deploy", cwd=tmp_path)
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert written.read_text() == "# mine\n"  # never overwritten without --force
+    assert sqapi("init", "deploy", "--force", cwd=tmp_path).returncode == 0
+    assert written.read_text().startswith("# Written by `sqapi init`")

@@ -294,3 +294,22 @@ def test_sqapi_testing_serves_a_plugins_blueprint_on_its_own_database(tmp_path) 
     assert client.get("/sizes/larger/3").get_json() == [{"uuid_ref": "s-1", "data_location": str(tmp_path / "data.bin"),
                                                          "data_size": 4}]
     assert client.get("/sizes/unknown").status_code == 404
+
+
+def test_the_built_in_plugins_are_found_through_sqapis_own_entry_points(workdir, monkeypatch) -> None:
+    from importlib import metadata
+
+    from sqapi.core import plugins as plugin_module
+    from sqapi.resources import BUILTIN_PLUGINS
+
+    folders = sorted(p.name for p in BUILTIN_PLUGINS.iterdir() if (p / "__init__.py").exists())
+    registered = {ep.name: ep.value for ep in metadata.distribution("sqapi").entry_points
+                  if ep.group == "sqapi.plugins"}
+    assert sorted(registered) == folders  # pyproject.toml names every built-in folder, and nothing else
+    assert all(value == f"sqapi.builtin_plugins.{name}" for name, value in registered.items())
+    found = plugin_module.discover({}, env={})
+    assert {name for name, p in found.items() if p.builtin} == set(folders)
+    assert all(found[name].directory == (BUILTIN_PLUGINS / name).resolve() for name in folders)
+    # found through the entry points, not by scanning sqapi's folder: without them there are none
+    monkeypatch.setattr(plugin_module.importlib_metadata, "entry_points", lambda group: [])
+    assert plugin_module.discover({}, env={}) == {}

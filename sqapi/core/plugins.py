@@ -45,10 +45,12 @@ import yaml
 from sqapi.config import Config, deep_merge, parse_size, read_yaml, substitute_env
 from sqapi.connectors.db import init_script_of
 from sqapi.errors import ConfigError, PluginNotConfigured, SqapiError
+from sqapi.resources import BUILTIN_PLUGIN_PACKAGE, BUILTIN_PLUGINS
 
 log = logging.getLogger(__name__)
 
-PROJECT_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+#: sqapi's own built-in plugins (``plugins/`` of a checkout, ``sqapi/builtin_plugins`` of the wheel)
+PROJECT_PLUGINS = BUILTIN_PLUGINS
 MODULE_PREFIX = "sqapi_plugins"
 ACTIVE, UNLOADED, FAILED = "active", "unloaded", "failed"
 #: ``plugin.isolation``: calls in worker processes (the default), or on the loader's threads (thread-safe only)
@@ -146,26 +148,35 @@ class PluginSet:
 
 
 def plugin_dirs(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> list[Path]:
-    """The folders searched for plugins, in order (sqapi's own built-ins last), without duplicates."""
+    """The folders searched for plugin folders, in order, without duplicates.
+
+    sqapi's own built-ins are not among them (they are found through their entry points), not
+    even when the working directory is sqapi's checkout."""
     env = os.environ if env is None else env
     candidates = [Path.cwd() / "plugins"]
     candidates += [Path(p) for p in config.get("plugin_dirs") or []]
     candidates += [Path(p) for p in env.get("SQAPI_PLUGIN_DIRS", "").split(os.pathsep) if p]
-    candidates.append(PROJECT_PLUGINS)
+    builtin = BUILTIN_PLUGINS.resolve()
     seen: list[Path] = []
     for path in candidates:
         resolved = path.resolve()
-        if resolved not in seen and resolved.is_dir():
+        if resolved not in seen and resolved != builtin and resolved.is_dir():
             seen.append(resolved)
-    # the built-ins come last even when the working directory is sqapi's own checkout
-    builtin = PROJECT_PLUGINS.resolve()
-    return [p for p in seen if p != builtin] + [p for p in seen if p == builtin]
+    return seen
+
+
+def builtin_entry_point(ep: importlib_metadata.EntryPoint) -> bool:
+    """An entry point of sqapi's own built-in plugins (``sqapi.builtin_plugins.<name>``)."""
+    return ep.module.startswith(BUILTIN_PLUGIN_PACKAGE + ".")
 
 
 def discover(config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Plugin]:
-    """Every plugin folder and entry point; the first of a name wins, the others are named in a warning."""
+    """Every plugin folder and entry point; the first of a name wins, the others are named in a warning.
+
+    In order: plugin folders (see :func:`plugin_dirs`), then plugins installed as packages
+    (the ``sqapi.plugins`` entry point group), then sqapi's own built-ins -- registered in the
+    same group, and loaded from their folder like any plugin folder."""
     found: dict[str, Plugin] = {}
-    builtin = PROJECT_PLUGINS.resolve()
     for folder in plugin_dirs(config, env):
         for child in sorted(folder.iterdir()):
             if not child.is_dir() or child.name.startswith((".", "_")) or not (child / "__init__.py").exists():
@@ -173,17 +184,14 @@ def discover(config: Mapping[str, Any], env: Mapping[str, str] | None = None) ->
             if child.name in found:
                 _shadow(found[child.name], str(child))
                 continue
-            found[child.name] = Plugin(name=child.name, directory=child, builtin=folder == builtin)
-    for ep in importlib_metadata.entry_points(group="sqapi.plugins"):
+            found[child.name] = Plugin(name=child.name, directory=child)
+    entry_points = list(importlib_metadata.entry_points(group="sqapi.plugins"))
+    for ep in [ep for ep in entry_points if not builtin_entry_point(ep)]:
         existing = found.get(ep.name)
-        if existing is not None and not existing.builtin:
+        if existing is not None:
             _shadow(existing, f"the installed package's entry point {ep.value}")
             continue
         plugin = Plugin(name=ep.name, directory=None, entry_point=ep.value)
-        if existing is not None:  # an installed plugin replaces a built-in too
-            plugin.shadowed = [str(existing.directory)]
-            log.warning("plugin %s: the installed package's entry point %s replaces the built-in plugin in %s",
-                        ep.name, ep.value, existing.directory)
         try:
             module = ep.load()
             plugin.module = module
@@ -191,6 +199,14 @@ def discover(config: Mapping[str, Any], env: Mapping[str, str] | None = None) ->
         except Exception as exc:
             plugin.fail(f"entry point {ep.value} failed to load: {type(exc).__name__}: {exc}")
         found[ep.name] = plugin
+    for ep in [ep for ep in entry_points if builtin_entry_point(ep)]:
+        directory = BUILTIN_PLUGINS / ep.module.rpartition(".")[2]
+        if ep.name in found:
+            _shadow(found[ep.name], str(directory.resolve()))
+        elif (directory / "__init__.py").exists():
+            found[ep.name] = Plugin(name=ep.name, directory=directory.resolve(), builtin=True)
+        else:
+            log.warning("built-in plugin %s: its folder %s is missing (a broken install?)", ep.name, directory)
     return found
 
 

@@ -29,13 +29,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 from sqapi.errors import PermanentError
-
-#: The project's own scripts folder, holding the core schema.
-CORE_SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
+from sqapi.resources import CORE_SCRIPTS  # the folder holding the core schema (re-exported)
 
 #: The tables of the core schema.
 STATUS_TABLES = ("messages", "message_plugins")
