@@ -22,3 +22,14 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v -e "^WARNING: Location" -e "^\s*$" || true
 .venv/bin/python -c "import sqapi, magic" || { echo "setup failed: sqapi is not importable" >&2; exit 1; }
+
+# promtool (the tests check `sqapi loader`'s /metrics with it): taken out of Debian's prometheus package
+# without installing it -- installing would also set up and start a Prometheus server
+if ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ]; then
+    echo "fetching promtool from Debian's prometheus package"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; })
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+    cp "$tmp/root/usr/bin/promtool" .venv/bin/promtool
+    rm -rf "$tmp"
+fi

@@ -230,6 +230,7 @@ def validate_structure(config: Mapping[str, Any], user: Mapping[str, Any], sourc
              "set processing.processes to auto (one per CPU where that helps) or a number")
     check_number(processing, "plugin_timeout", "processing", fail, minimum=0, optional=True)
     check_number(processing, "max_result_bytes", "processing", fail, integer=True, minimum=0)
+    check_number(processing, "metrics_port", "processing", fail, integer=True, minimum=0, optional=True)
     check_api(config.get("api") or {}, fail)
     parser = broker.get("parser") or {}
     if parser.get("type", "json") not in ("json", "string"):

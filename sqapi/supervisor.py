@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,11 @@ class Supervisor:
         self.stopping = False
         self.quick_exits = 0
         self.exit_code = 0
+        self.on_exit: Callable[[int], None] | None = None  # called with the pid of a loader process that exited
+
+    def running(self) -> list[int]:
+        """The pids of the loader processes running now."""
+        return [slot.process.pid for slot in self.slots if slot.process is not None and slot.process.poll() is None]
 
     def _start(self, slot: _Slot) -> None:
         env = dict(os.environ, **{CHILD_ENV: str(slot.number), PARENT_ENV: str(os.getpid())})
@@ -175,6 +181,8 @@ class Supervisor:
     def _exited(self, slot: _Slot, code: int, now: float) -> None:
         assert slot.process is not None
         pid, slot.process = slot.process.pid, None
+        if self.on_exit is not None:
+            self.on_exit(pid)
         if self.stopping:  # a stop: dying of the stop signal itself (before its handler was set) is normal too
             if code not in (0, -signal.SIGTERM, -signal.SIGINT):
                 self.exit_code = self.exit_code or (code if code > 0 else 1)

@@ -77,15 +77,18 @@ class DatabaseCollector(Collector):
         yield plugins
 
 
-class Metrics:
-    """The API's metrics; also a :class:`~sqapi.core.processor.ProcessorHooks` for this process's processor."""
+class ProcessMetrics:
+    """What this process's processor does, as a :class:`~sqapi.core.processor.ProcessorHooks`.
 
-    def __init__(self, database: Any) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(DatabaseCollector(database))
-        self.in_flight = Gauge("sqapi_messages_in_flight", "Messages being processed by this process now",
-                               registry=self.registry)
-        self.processed = Counter("sqapi_messages_processed", "Deliveries processed by this process, by outcome",
+    In prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set when the process
+    started: a loader process under ``sqapi loader``'s supervisor, see :mod:`sqapi.observe`) the
+    values go to that folder and the supervisor's scrape adds up every process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.in_flight = Gauge("sqapi_messages_in_flight", "Messages being processed now",
+                               registry=self.registry, multiprocess_mode="livesum")
+        self.processed = Counter("sqapi_messages_processed", "Deliveries processed, by outcome",
                                  ["status"], registry=self.registry)
         self.message_duration = Histogram("sqapi_message_duration_seconds", "Time to process one delivery",
                                           ["status"], buckets=DURATION_BUCKETS, registry=self.registry)
@@ -130,3 +133,11 @@ class Metrics:
     # -- exposition ---------------------------------------------------------------------------
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Metrics(ProcessMetrics):
+    """The API's metrics: the status database's counts at every scrape, and this process's processing."""
+
+    def __init__(self, database: Any) -> None:
+        super().__init__()
+        self.registry.register(DatabaseCollector(database))

@@ -75,6 +75,7 @@ class Listener:
         self.max_body_bytes = int(config.get("max_body_bytes") or MAX_BODY_BYTES)
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
+        self.consuming = False  # True while start_listeners scans the spool (sqapi loader's liveness)
         self._wake = threading.Event()
         self._lock_handle: IO[str] | None = None
         self.claim_dir = self.root / PROCESSING / self.owner
@@ -113,6 +114,7 @@ class Listener:
         log.info("listening on spool %s with %d workers", self.root, self.workers)
         pending: dict[concurrent.futures.Future[None], Path] = {}
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="sqapi-spool") as pool:
+            self.consuming = True
             try:
                 while not self._stop.is_set():
                     pending = {f: p for f, p in pending.items() if not f.done()}
@@ -132,6 +134,7 @@ class Listener:
                         self._wake.wait(self.poll_interval)
                         self._wake.clear()
             finally:
+                self.consuming = False
                 for future, path in pending.items():
                     if future.cancel():
                         self._move(path, self.root / path.name)

@@ -359,6 +359,7 @@ class _Session:
         self.cancelled_by_broker = False
         self.set_aside_failures = 0  # in a row: the pause before requeueing a message that could not be set aside
         self.stalled = False  # the broker did not answer in time: the connection is abandoned, not closed
+        self.consuming = False  # a consumer on the queue, on a connection still open
         self._drain_scheduled = threading.Lock()
 
     def open(self) -> None:
@@ -372,6 +373,7 @@ class _Session:
             self.channel.basic_qos(prefetch_count=self.settings.prefetch)
             self.channel.add_on_cancel_callback(self._on_cancel)
             self.consumer_tag = self.channel.basic_consume(self.settings.queue_name, self._on_message)
+        self.consuming = True
 
     @contextlib.contextmanager
     def deadline(self, what: str) -> Iterator[None]:
@@ -387,6 +389,7 @@ class _Session:
         log.warning("RabbitMQ cancelled the consumer on queue '%s' (queue deleted or node failover)",
                     self.settings.queue_name)
         self.cancelled_by_broker = True
+        self.consuming = False
 
     def _on_message(self, _channel: BlockingChannel, method: Basic.Deliver, properties: BasicProperties,
                     body: bytes) -> None:
@@ -604,6 +607,7 @@ class _Session:
             return self.running
 
     def close(self) -> None:
+        self.consuming = False
         if not self.stalled:
             try:
                 if self.connection.is_open:
@@ -639,6 +643,12 @@ class Listener:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def consuming(self) -> bool:
+        """Connected, with a consumer on the queue (``sqapi loader``'s liveness)."""
+        session = self._session
+        return session is not None and session.consuming
 
     def start_listeners(self) -> None:
         """Consume until :meth:`stop`; after a lost connection or a cancelled consumer, reconnect with backoff."""
