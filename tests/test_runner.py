@@ -254,3 +254,25 @@ def test_a_call_that_hangs_or_crashes_after_a_quick_one_is_the_one_blamed(
     assert runs.count("quick2") == 1
     if trouble == "hang":  # a hang leaves time for every earlier answer to arrive: nothing runs twice
         assert runs.count("quick0") == 1 and runs.count("bad") == 1
+
+
+def test_a_timeout_blames_the_running_call_even_when_the_calls_behind_it_were_not_taken_back(
+        make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str],
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a loaded machine the loader may not take back the calls queued behind a hanging one before the timeout
+    (here: never, SLOW_AFTER out of reach).  The oldest unanswered call is the one that hung: it alone fails,
+    the one behind it runs once, nothing runs twice."""
+    from sqapi.core import runner
+
+    monkeypatch.setattr(runner, "SLOW_AFTER", 3600.0)
+    write_plugin("counting", COUNTING, config={"plugin": {"timeout": 1.5}})
+    app = make_app({"active_plugins": ["counting"], "custom": {"runs": str(workdir / "runs.txt")},
+                    "msg_broker": {"retry": {"max_attempts": 1}}})
+    location = write_data("a.txt", "x")
+    batch(app, [body("warm", location)])
+    quick0, bad, quick2 = batch(app, [body("quick0", location), body("bad", location, hang=True),
+                                      body("quick2", location)])
+    assert (quick0.status, bad.status, quick2.status) == ("DONE", "FAILED", "DONE")
+    assert "timed out after 1.5s (its worker process was killed)" in bad.reason
+    runs = (workdir / "runs.txt").read_text().split()
+    assert sorted(runs) == ["bad", "quick0", "quick2", "warm"]

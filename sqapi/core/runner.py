@@ -490,7 +490,14 @@ class _Batch:
         assert self.timeout is not None
         log.warning("plugin %s: a call ran past its timeout of %gs: killing worker process %s",
                     self.pool.plugin.name, self.timeout, job.worker.pid)
-        self._blame(job, PluginTimeout(f"timed out after {self.timeout:g}s (its worker process was killed)"))
+        # The worker runs its calls in order and sends a finished call's answer within FLUSH_AFTER even while
+        # the next one runs, so the oldest unanswered call is the one that ran this long: blamed alone, even
+        # when the calls queued behind it were not taken back in time (a loaded machine); they go back.
+        self.pool._discard(job.worker)
+        head = job.queue.popleft()
+        self.ran[head] = (None, PluginTimeout(f"timed out after {self.timeout:g}s (its worker process was killed)"),
+                          now - job.head_started)
+        self._give_back(job)
 
     def _blame(self, job: _Assigned, error: BaseException) -> None:
         """Record ``error`` for the call the lost worker was running, and give the others back.
