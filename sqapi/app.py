@@ -133,7 +133,11 @@ def build(config: Config) -> Sqapi:
         plugins = load_plugins(config, make_database)
         closers.append(plugins.close)
         _refuse_unknown_plugin_names(config, plugins)
-        data_store = DataStore(resolve_connector(config, "data_store"), dict(config["data_store"]))
+        store_section = dict(config["data_store"])
+        temp_dir = (config.get("processing") or {}).get("temp_dir")
+        if temp_dir and not store_section.get("temp_dir"):  # where remote stores stream data, unless they say
+            store_section["temp_dir"] = temp_dir
+        data_store = DataStore(resolve_connector(config, "data_store"), store_section)
         data_store.connect()
         closers.append(data_store.close)
         meta_store = MetaStore(resolve_connector(config, "meta_store"), dict(config["meta_store"]))

@@ -39,6 +39,17 @@ TOPICS = (
 MAPPING_TOPICS = ("msg_broker", "data_store", "meta_store", "database", "api", "custom", "packages",
                   "plugin", "processing")
 
+#: The keys of the sections sqapi owns, all of them (connector sections belong to their connectors, and
+#: sqAPI configs may carry keys of their own there).  Any other key is refused with a suggestion:
+#: ``processing.wrokers: 4`` would otherwise be ignored in silence.
+KNOWN_KEYS: dict[str, tuple[str, ...]] = {
+    "processing": ("workers", "processes", "plugin_timeout", "max_result_bytes", "temp_dir", "metrics_port",
+                   "metrics_host"),
+    "api": ("host", "port", "token", "threads", "max_body_bytes", "health_timeout", "blueprints_directory"),
+    "msg_broker.retry": ("max_attempts", "initial_delay", "multiplier", "max_delay"),
+    "msg_broker.reconnect": ("initial_delay", "max_delay"),
+}
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api_?key|private_?key|credential)", re.IGNORECASE)
 _PATH_KEY = re.compile(r"(dir|directory|dirs|path|paths|file|files|folder|location|root)$", re.IGNORECASE)
@@ -216,6 +227,17 @@ def validate_structure(config: Mapping[str, Any], user: Mapping[str, Any], sourc
         hint = difflib.get_close_matches(key, TOPICS, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"remove it; known topics: {', '.join(TOPICS)}"
         fail(key, "unknown topic", fix)
+
+    for section_key, known in KNOWN_KEYS.items():
+        section: Any = config
+        for part in section_key.split("."):
+            section = section.get(part) if isinstance(section, Mapping) else None
+        if isinstance(section, Mapping):
+            for key in section:
+                if key not in known:
+                    hint = difflib.get_close_matches(str(key), known, n=1)
+                    fail(f"{section_key}.{key}", "unknown key",
+                         f"did you mean '{hint[0]}'?" if hint else f"remove it; known keys: {', '.join(known)}")
 
     broker = config.get("msg_broker") or {}
     retry = broker.get("retry") or {}

@@ -34,3 +34,31 @@ def test_a_value_of_the_wrong_type_stops_with_one_line_naming_file_key_and_fix(
     assert "Traceback" not in output
     naming = [line for line in output.splitlines() if "wrong.yml" in line and key in line and "Fix:" in line]
     assert len(naming) == 1, output
+
+
+UNKNOWN = [
+    ("processing:\n  wrokers: 4\n", "processing.wrokers", "did you mean 'workers'?"),
+    ("api:\n  tokn: abc\n", "api.tokn", "did you mean 'token'?"),
+    ("msg_broker:\n  type: directory\n  retry:\n    max_atempts: 3\n", "msg_broker.retry.max_atempts",
+     "did you mean 'max_attempts'?"),
+    ("processing:\n  colour: blue\n", "processing.colour", "known keys: workers, processes"),
+]
+
+
+@pytest.mark.parametrize(("content", "key", "fix"), UNKNOWN)
+def test_an_unknown_key_of_a_section_sqapi_owns_is_refused_with_a_suggestion(
+        workdir: Path, content: str, key: str, fix: str) -> None:
+    (workdir / "typo.yml").write_text(content)
+    result = sqapi("-c", "typo.yml", "check", cwd=workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    [line] = [line for line in output.splitlines() if "typo.yml" in line and key in line]
+    assert "unknown key" in line and fix in line
+
+
+def test_processing_temp_dir_is_where_remote_data_stores_stream(make_app, tmp_path: Path) -> None:
+    app = make_app({"processing": {"temp_dir": str(tmp_path / "spill")}})
+    assert app.data_store.config["temp_dir"] == str(tmp_path / "spill")
+    own = make_app({"processing": {"temp_dir": str(tmp_path / "spill")},
+                    "data_store": {"type": "disk", "temp_dir": str(tmp_path / "mine")}})
+    assert own.data_store.config["temp_dir"] == str(tmp_path / "mine")  # the store's own setting wins

@@ -12,7 +12,7 @@ import pytest
 
 from sqapi.app import Sqapi
 from sqapi.connectors.listeners.rabbitmq import BrokerSettings, Listener, backoff
-from sqapi.errors import ConnectorError
+from sqapi.errors import ConfigError, ConnectorError
 from tests.rabbitmq.conftest import (
     connection,
     declare,
@@ -291,3 +291,14 @@ def test_a_huge_attempt_header_neither_overflows_the_delay_nor_stops_the_consume
                    what="the huge-attempt message set aside and the next one DONE")
     [(properties, _body)] = take_all(vhost, "sqapi.dead")
     assert "this message always fails" in properties.headers["x-sqapi-reason"]
+
+
+def test_queue_and_exchange_names_default_to_sqapi_as_documented() -> None:
+    from sqapi.connectors.listeners.rabbitmq import validate_config
+
+    validate_config({"type": "rabbitmq"})  # nothing required beyond the type
+    settings = BrokerSettings.from_config({"type": "rabbitmq"})
+    assert (settings.queue_name, settings.exchange_name, settings.routing_key) == ("sqapi", "sqapi", "sqapi")
+    with pytest.raises(ConfigError) as caught:
+        validate_config({"type": "rabbitmq", "queue_name": 7})
+    assert caught.value.key == "msg_broker.queue_name"

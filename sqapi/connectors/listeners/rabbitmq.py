@@ -167,7 +167,9 @@ class BrokerSettings:
 
 
 def validate_config(config: dict[str, Any]) -> None:
-    require_keys(config, "msg_broker", [("queue_name", str), ("exchange_name", str)])
+    # queue_name and exchange_name default to "sqapi" (BrokerSettings); given, they must be strings
+    given = [(key, str) for key in ("queue_name", "exchange_name") if config.get(key) not in (None, "")]
+    require_keys(config, "msg_broker", given)
     for key in ("port", "prefetch", "heartbeat", "delivery_limit", "batch_size", "max_body_bytes",
                 "max_inflight_bytes"):
         value = config.get(key)
