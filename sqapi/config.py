@@ -229,11 +229,11 @@ def validate_structure(config: Mapping[str, Any], user: Mapping[str, Any], sourc
         fail(key, "unknown topic", fix)
 
     for section_key, known in KNOWN_KEYS.items():
-        section: Any = config
+        owned: Any = config
         for part in section_key.split("."):
-            section = section.get(part) if isinstance(section, Mapping) else None
-        if isinstance(section, Mapping):
-            for key in section:
+            owned = owned.get(part) if isinstance(owned, Mapping) else None
+        if isinstance(owned, Mapping):
+            for key in owned:
                 if key not in known:
                     hint = difflib.get_close_matches(str(key), known, n=1)
                     fail(f"{section_key}.{key}", "unknown key",
