@@ -20,6 +20,7 @@ from sqapi import __version__, logs, observe, supervisor
 from sqapi.app import Sqapi, build, resolve_connector
 from sqapi.config import Config, load_config, secret_values, url_for_logs
 from sqapi.core.outcome import Action, Delivery, Outcome
+from sqapi.core.status import MESSAGE_STATUSES, Status
 from sqapi.errors import ConfigError, SqapiError
 
 log = logging.getLogger("sqapi")
@@ -449,7 +450,7 @@ def process(ctx: click.Context, config_path: str | None, attempts: int, items: t
                 if show_progress:
                     click.echo("\r\033[K", nl=False, err=True)
                 click.echo(outcome.line())
-                failed += outcome.status != "DONE"
+                failed += outcome.status != Status.DONE
                 bar.update(1)
     finally:
         app.close()
@@ -791,7 +792,7 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, uuid: str
 @main.command()
 @config_option
 @click.option("--status", "status_filter", type=click.Choice(
-    ["VALIDATING", "QUERYING", "PROCESSING", "DONE", "RETRY", "FAILED"], case_sensitive=False),
+    [str(status) for status in MESSAGE_STATUSES], case_sensitive=False),
     help="Only messages with this status.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")

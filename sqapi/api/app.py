@@ -36,7 +36,7 @@ from sqapi.api.health import Component, HealthCheck
 from sqapi.api.metrics import CONTENT_TYPE, Metrics
 from sqapi.app import Sqapi
 from sqapi.config import secret_values
-from sqapi.connectors.db import MESSAGE_STATUSES
+from sqapi.core.status import FINAL_STATUSES, MESSAGE_STATUSES, Status
 from sqapi.errors import ConnectorError
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def message(uuid: str) -> Response:
     plugin_rows = database.get_plugin_rows(uuid)
     for plugin_row in plugin_rows:
         plugin_row["result"] = dashboard.decode_result(plugin_row.get("result"))
-    failed = [p["plugin"] for p in plugin_rows if p["status"] == "FAILED"]
+    failed = [p["plugin"] for p in plugin_rows if p["status"] == Status.FAILED]
     return responding.ok({**row, "plugins": plugin_rows, "failed_plugins": failed})
 
 
@@ -299,7 +299,7 @@ def index() -> Response:
         "dashboard.html", counts=counts, total=sum(counts.values()), buckets=buckets,
         peak=max([b.total for b in buckets] + [1]), failures=failures, latency=latency,
         plugins=plugin_list(), health=app.health.check(), error=error, refresh=REFRESH_SECONDS,
-        now=now.strftime("%Y-%m-%d %H:%M:%S UTC"), final_statuses=dashboard.FINAL_STATUSES)
+        now=now.strftime("%Y-%m-%d %H:%M:%S UTC"), final_statuses=FINAL_STATUSES)
     answer = Response(html, status=200, mimetype="text/html")
     answer.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
     answer.headers["Cache-Control"] = "no-store"

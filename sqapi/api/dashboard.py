@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqapi.connectors.db import MESSAGE_STATUSES
+from sqapi.core.status import MESSAGE_STATUSES, Status
 
 THROUGHPUT_MINUTES = 15
 LATEST_FAILURES = 10
 LATENCY_SAMPLE = 500      # latest runs per plugin that latency percentiles are computed over
-FINAL_STATUSES = ("DONE", "FAILED", "RETRY")
 
 
 @dataclass
@@ -74,8 +73,8 @@ def throughput(database: Any, now: datetime | None = None, minutes: int = THROUG
 def latest_failures(database: Any, limit: int = LATEST_FAILURES) -> list[dict[str, Any]]:
     """The newest FAILED messages, each with the plugins that failed on it and why."""
     failures = []
-    for row in database.list_messages(status="FAILED", limit=limit):
-        plugins = [p for p in database.get_plugin_rows(row["uuid"]) if p["status"] == "FAILED"]
+    for row in database.list_messages(status=Status.FAILED, limit=limit):
+        plugins = [p for p in database.get_plugin_rows(row["uuid"]) if p["status"] == Status.FAILED]
         failures.append({**row, "failed_plugins": plugins})
     return failures
 
@@ -90,7 +89,7 @@ def plugin_latency(database: Any, names: list[str], sample: int = LATENCY_SAMPLE
             "ORDER BY updated_at DESC LIMIT %(limit)s", plugin=name, limit=sample)
         durations = sorted(float(r["duration_ms"]) for r in rows if r["duration_ms"] is not None)
         result.append(PluginLatency(
-            plugin=name, runs=len(rows), failed=sum(1 for r in rows if r["status"] == "FAILED"),
+            plugin=name, runs=len(rows), failed=sum(1 for r in rows if r["status"] == Status.FAILED),
             p50_ms=_percentile(durations, 0.50), p95_ms=_percentile(durations, 0.95),
             max_ms=durations[-1] if durations else None))
     return result

@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sqapi.connectors.db import MESSAGE_STATUSES
 from sqapi.core.outcome import Action, Outcome
+from sqapi.core.status import MESSAGE_STATUSES, Status
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class ProcessMetrics:
 
     def plugin_finished(self, plugin: str, status: str, seconds: float, reason: str | None) -> None:
         self.plugin_duration.labels(plugin, status).observe(seconds)
-        if status != "DONE":
+        if status != Status.DONE:
             self.plugin_failures.labels(plugin, self._bounded_kind(plugin, reason)).inc()
 
     def _bounded_kind(self, plugin: str, reason: str | None) -> str:

@@ -39,14 +39,15 @@ from sqapi.core.message import Message, MessageParser, private_copy
 from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
 from sqapi.core.plugins import Plugin, PluginSet
 from sqapi.core.runner import Call, PluginRunner
+from sqapi.core.status import Status
 from sqapi.errors import ConnectorError, MessageError, PermanentError, PluginFailed, PluginTimeout, is_retryable
 from sqapi.errors import describe_error as describe
 from sqapi.logs import abbreviate
 
 log = logging.getLogger(__name__)
 
-VALIDATING, QUERYING, PROCESSING = "VALIDATING", "QUERYING", "PROCESSING"
-DONE, RETRY, FAILED = "DONE", "RETRY", "FAILED"
+VALIDATING, QUERYING, PROCESSING = Status.VALIDATING, Status.QUERYING, Status.PROCESSING
+DONE, RETRY, FAILED = Status.DONE, Status.RETRY, Status.FAILED
 PROCESS, DELETE = "process", "delete"  # message actions (msg_broker.message_fields.action)
 DELETED = "deleted"  # hash_digest of a deleted message: equal to no data's sha256
 #: characters of a reason stored in a status row (``info``) at most: longer ones keep their start, length and hash

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from sqapi.core.status import MESSAGE_STATUSES, Status  # noqa: F401  (MESSAGE_STATUSES re-exported)
 from sqapi.errors import PermanentError
 from sqapi.resources import CORE_SCRIPTS  # the folder holding the core schema (re-exported)
 
 #: The tables of the core schema.
 STATUS_TABLES = ("messages", "message_plugins")
 
-MESSAGE_STATUSES = ("VALIDATING", "QUERYING", "PROCESSING", "DONE", "RETRY", "FAILED")
 
 
 _DOLLAR_QUOTE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
@@ -320,9 +320,9 @@ class StatusStore:
             previous = [found.get(m.uuid) for m in messages]
             now = utcnow()
             done = [{"uuid": m.uuid, "now": now} for m, row in zip(messages, previous, strict=True)
-                    if row is not None and row["status"] == "DONE"]
+                    if row is not None and row["status"] == Status.DONE]
             fresh = [_message_params(m, status, None, attempts=1) for m, row in zip(messages, previous, strict=True)
-                     if row is None or row["status"] != "DONE"]
+                     if row is None or row["status"] != Status.DONE]
             if done:
                 self.execute_many(
                     "UPDATE messages SET attempts = attempts + 1, updated_at = %(now)s WHERE uuid = %(uuid)s", done)
@@ -339,7 +339,7 @@ class StatusStore:
         with self.transaction():
             rows = self.execute_query("SELECT * FROM messages WHERE uuid = %(uuid)s", uuid=message.uuid)
             previous = rows[0] if rows else None
-            if previous is not None and previous["status"] == "DONE":
+            if previous is not None and previous["status"] == Status.DONE:
                 self.execute_query(
                     "UPDATE messages SET attempts = attempts + 1, updated_at = %(now)s WHERE uuid = %(uuid)s",
                     uuid=message.uuid, now=utcnow())

@@ -65,6 +65,7 @@ from sqapi.connectors.db import (
     utcnow,
 )
 from sqapi.connectors.db import _embedded as embedded_server
+from sqapi.core.status import Status
 from sqapi.errors import ConfigError, ConnectorError, SqapiError
 
 log = logging.getLogger(__name__)
@@ -734,7 +735,7 @@ class Database(StatusStore):
                 return None
             rows = self.execute_query("SELECT * FROM messages WHERE uuid = %(uuid)s FOR UPDATE", uuid=message.uuid)
             previous = _status_row(rows[0])
-            new_status = "DONE" if previous["status"] == "DONE" else status
+            new_status = Status.DONE if previous["status"] == Status.DONE else status
             self.execute_query(
                 "UPDATE messages SET attempts = attempts + 1, status = %(status)s, "
                 "info = CASE WHEN %(status)s = 'DONE' THEN info ELSE NULL END, "
@@ -845,8 +846,8 @@ def _as_it_was(uuid: str, existed: bool, status: str, hash_digest: str | None, d
     if not existed:
         return None
     # not DONE now means not DONE before (a DONE row stays DONE): the snapshot's DONE would be stale
-    earlier = old_status if old_status not in (None, "DONE") else status
-    return {"uuid": uuid, "status": status if status == "DONE" else earlier,
+    earlier = old_status if old_status not in (None, Status.DONE) else status
+    return {"uuid": uuid, "status": status if status == Status.DONE else earlier,
             "hash_digest": hash_digest, "data_type": data_type, "info": info, "attempts": attempts - 1}
 
 
