@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqapi.backoff import exponential
+
 log = logging.getLogger(__name__)
 
 #: set in each loader process's environment: its number (1..N); such a process runs as a plain loader
@@ -198,7 +200,7 @@ class Supervisor:
             self.exit_code = code if code > 0 else 1
             self.stop()
             return
-        delay = min(30.0, 0.5 * 2 ** self.quick_exits) if self.quick_exits else 0.0
+        delay = exponential(self.quick_exits, 0.5, 30.0) if self.quick_exits else 0.0
         log.warning("loader process %d (pid %d) %s; starting another%s", slot.number, pid, how,
                     f" in {delay:g}s" if delay else "")
         slot.restart_at = now + delay

@@ -37,6 +37,7 @@ from typing import Any
 
 import elasticsearch
 
+from sqapi.backoff import exponential
 from sqapi.errors import ConnectorError, PermanentError, PluginNotConfigured
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -281,7 +282,7 @@ class BulkIndexer:
         raise ConnectorError("Elasticsearch did not accept the deletion after every retry")
 
     def _sleep(self, attempt: int) -> None:
-        time.sleep(min(self.max_backoff, self.backoff * (2 ** attempt)))
+        time.sleep(exponential(attempt + 1, self.backoff, self.max_backoff))
 
 
 def _reason(body: Any) -> str:

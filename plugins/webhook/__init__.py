@@ -50,6 +50,7 @@ from typing import Any
 
 import requests
 
+from sqapi.backoff import exponential
 from sqapi.config import url_for_logs
 from sqapi.connectors.guard import HostGuard, PrivatePolicy, parse_target
 from sqapi.errors import ConfigError, ConnectorError, PermanentError, PluginNotConfigured
@@ -244,7 +245,7 @@ def deliver(url: str, body: bytes, delivery_id: str, options: Mapping[str, Any])
     problem = ""
     for attempt in range(retries + 1):
         if attempt:
-            time.sleep(min(float(options["max_backoff"]), float(options["backoff"]) * 2 ** (attempt - 1)))
+            time.sleep(exponential(attempt, float(options["backoff"]), float(options["max_backoff"])))
         headers = {"Content-Type": "application/json", "User-Agent": "sqapi-webhook", DELIVERY_HEADER: delivery_id,
                    "X-Sqapi-Event": EVENT, **signature_headers(delivery_id, body, options, timestamp())}
         try:

@@ -8,10 +8,11 @@ dead-letter -- and never write status themselves.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from sqapi.backoff import exponential
 
 
 class Action(enum.Enum):
@@ -70,11 +71,7 @@ class RetryPolicy:
 
     def delay_for(self, attempt: int) -> float:
         """Seconds to wait before the attempt after ``attempt``."""
-        try:
-            delay = self.initial_delay * self.multiplier ** max(0, attempt - 1)
-        except OverflowError:  # an attempt number from a message header may be any size
-            delay = math.inf
-        return float(min(self.max_delay, delay))
+        return exponential(attempt, self.initial_delay, self.max_delay, self.multiplier)
 
     def may_retry(self, attempt: int) -> bool:
         return attempt < self.max_attempts

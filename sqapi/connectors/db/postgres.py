@@ -56,6 +56,7 @@ import psycopg2.extensions
 import psycopg2.extras
 import psycopg2.pool
 
+from sqapi.backoff import exponential
 from sqapi.connectors.db import (
     ON_MESSAGE_CONFLICT,
     ON_PLUGIN_CONFLICT,
@@ -322,7 +323,6 @@ class Database(StatusStore):
             if self._pool is not None:
                 return
             attempts = attempts or self.connect_attempts
-            delay = self.connect_delay
             if self.embedded is not None:  # started (or joined) here: the constructor does no I/O
                 self._params = self._embedded_connection()
             options = []
@@ -353,10 +353,10 @@ class Database(StatusStore):
                             f"cannot reach PostgreSQL at {self.describe()} after {attempts} attempt"
                             f"{'s' if attempts > 1 else ''}: {reason.rstrip('?.')}. Check that it is running and that "
                             f"database.connection (or database.dsn) and the credentials are right") from None
+                    delay = exponential(attempt, self.connect_delay, self.connect_max_delay)
                     log.warning("PostgreSQL at %s unreachable (attempt %d of %d), retrying in %gs: %s",
                                 self.describe(), attempt, attempts, delay, reason)
                     time.sleep(delay)
-                    delay = min(delay * 2, self.connect_max_delay)
             self._pool = pool
         if self.schema and not self._read_only:
             self._ensure_schema()

@@ -37,7 +37,6 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
-import random
 import socket
 import threading
 import time
@@ -50,6 +49,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
+from sqapi.backoff import exponential
 from sqapi.config import require_keys
 from sqapi.connectors.listeners import ProcessBatch, ProcessMessage
 from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
@@ -75,8 +75,7 @@ SET_ASIDE_MAX_PAUSE = 30.0
 
 def backoff(failures: int, initial: float, cap: float) -> float:
     """Capped exponential backoff with jitter: the delay before reconnect attempt ``failures`` (1-based)."""
-    delay = min(cap, initial * 2 ** max(0, failures - 1))
-    return delay * random.uniform(0.5, 1.0)
+    return exponential(failures, initial, cap, jitter=True)
 
 
 @dataclass(frozen=True)
@@ -478,7 +477,7 @@ class _Session:
             # the queue it goes to has no leader now (a node down): requeue it, but only after a pause that grows,
             # so that it neither spins nor uses up the main queue's delivery limit while the node is away
             self.set_aside_failures += 1
-            pause = min(SET_ASIDE_MAX_PAUSE, SET_ASIDE_PAUSE * 2 ** (self.set_aside_failures - 1))
+            pause = exponential(self.set_aside_failures, SET_ASIDE_PAUSE, SET_ASIDE_MAX_PAUSE)
             log.error("could not set message %s aside (%s): requeued in %gs", outcome.uuid, type(exc).__name__,
                       pause)
             self.connection.call_later(pause, lambda: self._requeue_later(settled.tag))
