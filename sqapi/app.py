@@ -20,6 +20,7 @@ from sqapi.config import Config
 from sqapi.connectors.data import DataStore
 from sqapi.connectors.db import CORE_SCRIPTS, init_script_of
 from sqapi.connectors.meta import MetaStore
+from sqapi.core.contracts import StatusStore
 from sqapi.core.outcome import Delivery, Outcome
 from sqapi.core.plugins import PluginSet, load_plugins
 from sqapi.core.processor import Processor
@@ -117,6 +118,22 @@ class Sqapi:
         self._closers.clear()
 
 
+#: what the processor calls on the status database (sqapi.core.contracts.StatusStore), named in the error
+_STATUS_METHODS = sorted(name for name in vars(StatusStore) if not name.startswith("_")
+                         and callable(getattr(StatusStore, name)))
+
+
+def _require_status_store(database: Any, kind: str, source: str) -> None:
+    """The status database must be a :class:`~sqapi.core.contracts.StatusStore`; said at start, not mid-message."""
+    if isinstance(database, StatusStore):
+        return
+    missing = [name for name in _STATUS_METHODS if not callable(getattr(database, name, None))]
+    database.close()
+    raise ConfigError("database.type", f"type '{kind}' cannot hold sqapi's status: it has no {', '.join(missing)}",
+                      "use postgres or sqlite for the status database (a type of your own subclasses "
+                      "sqapi.connectors.db.StatusStore); other types serve plugins only", source)
+
+
 def build(config: Config) -> Sqapi:
     """Validate, connect the database, load plugins, connect the stores, build the processor."""
     validate(config)
@@ -126,6 +143,7 @@ def build(config: Config) -> Sqapi:
     if init:
         database_section["init"] = os.path.abspath(init)
     database = make_database(database_section)
+    _require_status_store(database, str(database_section.get("type")), config.source)
     closers: list[Callable[[], None]] = [database.close]
     try:
         database.initialize_database()

@@ -323,6 +323,13 @@ def require_keys(section: Mapping[str, Any], topic: str, keys: Iterable[tuple[st
                               source)
 
 
+def init_script_of(config: Mapping[str, Any]) -> str | None:
+    """The init script a database section names: ``init`` or sqAPI's ``scripts.init``."""
+    scripts = config.get("scripts")
+    init = config.get("init") or (scripts.get("init") if isinstance(scripts, dict) else None)
+    return str(init) if init else None
+
+
 def secret_values(config: Any) -> set[str]:
     """Every secret ``config`` holds, for masking in log records (3 characters or more).
 

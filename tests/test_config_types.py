@@ -62,3 +62,13 @@ def test_processing_temp_dir_is_where_remote_data_stores_stream(make_app, tmp_pa
     own = make_app({"processing": {"temp_dir": str(tmp_path / "spill")},
                     "data_store": {"type": "disk", "temp_dir": str(tmp_path / "mine")}})
     assert own.data_store.config["temp_dir"] == str(tmp_path / "mine")  # the store's own setting wins
+
+
+def test_a_database_type_that_cannot_hold_the_status_is_refused_at_start(make_app) -> None:
+    from sqapi.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        make_app({"database": {"type": "elasticsearch", "hosts": ["http://127.0.0.1:9"]}})
+    message = str(caught.value)
+    assert "database.type" in message and "cannot hold sqapi's status" in message
+    assert "claim_attempts" in message and "record_attempt" in message  # what it lacks, by name

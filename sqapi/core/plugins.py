@@ -42,8 +42,7 @@ from typing import Any
 
 import yaml
 
-from sqapi.config import Config, deep_merge, parse_size, read_yaml, substitute_env
-from sqapi.connectors.db import init_script_of
+from sqapi.config import Config, deep_merge, init_script_of, parse_size, read_yaml, substitute_env
 from sqapi.errors import ConfigError, PluginNotConfigured, SqapiError
 from sqapi.resources import BUILTIN_PLUGIN_PACKAGE, BUILTIN_PLUGINS
 

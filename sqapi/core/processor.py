@@ -22,7 +22,6 @@ worker processes by default); the processor only hands them over and records wha
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -31,13 +30,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqapi.connectors.data import DataStore, LocalCopy
-from sqapi.connectors.db import dump_result, result_was_omitted
-from sqapi.connectors.meta import MetaStore
 from sqapi.core.content import mime_type, sha256_of
+from sqapi.core.contracts import DataStore, LocalCopy, MetaStore, StatusStore
 from sqapi.core.message import Message, MessageParser, private_copy
 from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
 from sqapi.core.plugins import Plugin, PluginSet
+from sqapi.core.results import dump_result, result_was_omitted
 from sqapi.core.runner import Call, PluginRunner
 from sqapi.core.status import Status
 from sqapi.errors import ConnectorError, MessageError, PermanentError, PluginFailed, PluginTimeout, is_retryable
@@ -118,7 +116,7 @@ class _Progress:
     final statuses supersede it.  Only the batch's worker thread uses it.
     """
 
-    def __init__(self, database: Any, running: list[_Work]) -> None:
+    def __init__(self, database: StatusStore, running: list[_Work]) -> None:
         self.database = database
         self.pending: list[_Update] = [(w.message, PROCESSING, None) for w in running]
 
@@ -139,7 +137,7 @@ class _Progress:
 
 
 class Processor:
-    def __init__(self, config: Mapping[str, Any], database: Any, data_store: DataStore, meta_store: MetaStore,
+    def __init__(self, config: Mapping[str, Any], database: StatusStore, data_store: DataStore, meta_store: MetaStore,
                  plugins: PluginSet, policy: RetryPolicy | None = None, runner: PluginRunner | None = None) -> None:
         broker = config.get("msg_broker") or {}
         processing = config.get("processing") or {}
@@ -251,22 +249,16 @@ class Processor:
             for w in work:
                 (later if w.message.uuid in seen else now).append(w)
                 seen.add(w.message.uuid)
-            claim_many = getattr(self.database, "claim_many", None)
             # after the first round, one at a time with the blocking claim (it waits with backoff and
             # gives up after claim_timeout) instead of asking again for uuids another process holds
-            if claim_many is None or len(now) == 1 or not first_round:
-                claim = getattr(self.database, "claim", None)
-                with claim(now[0].message.uuid) if claim is not None else contextlib.nullcontext():
+            if len(now) == 1 or not first_round:
+                with self.database.claim(now[0].message.uuid):
                     self._attempt(now[:1], outcomes)
                 later = now[1:] + later
-            elif hasattr(self.database, "claim_attempts"):  # claims and attempts in one round trip
+            else:  # claims and attempts together (one round trip on PostgreSQL)
                 with self.database.claim_attempts([w.message for w in now], QUERYING) as recorded:
                     self._attempt([w for w in now if w.message.uuid in recorded], outcomes, recorded)
                 later = [w for w in now if w.message.uuid not in recorded] + later
-            else:
-                with claim_many([w.message.uuid for w in now]) as held:
-                    self._attempt([w for w in now if w.message.uuid in held], outcomes)
-                later = [w for w in now if w.message.uuid not in held] + later
             first_round = False
             work = later
 
@@ -390,8 +382,7 @@ class Processor:
                             MAX_REASON_CHARS)
         if exc.uuid:  # recorded under the uuid's claim, never waited for: an attempt in progress has the last word
             stub = Message(id=delivery.id, uuid=exc.uuid, data_location=None)  # type: ignore[arg-type]
-            try_claim = getattr(self.database, "try_claim", None)
-            with try_claim(exc.uuid) if try_claim is not None else contextlib.nullcontext(True) as held:
+            with self.database.try_claim(exc.uuid) as held:
                 if held:
                     previous = self.database.record_attempt(stub, VALIDATING)
                     if not previous or previous["status"] != DONE:

@@ -21,11 +21,10 @@ raising :class:`~sqapi.errors.ConfigError` for a wrong section.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Protocol
 
 from sqapi.connectors.store import StoreAdapter
+from sqapi.core.contracts import LocalCopy  # noqa: F401  (re-exported: it was defined here)
 
 
 class DataConnection(Protocol):
@@ -34,21 +33,6 @@ class DataConnection(Protocol):
     def ping(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-@dataclass
-class LocalCopy:
-    """A data object on local disk; ``temporary`` ones are deleted by :meth:`release`."""
-
-    path: str
-    temporary: bool
-
-    def release(self) -> None:
-        if self.temporary:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
 
 class DataStore(StoreAdapter):

@@ -21,7 +21,6 @@ provides ``execute_query`` and ``transaction()``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -31,6 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from sqapi.config import init_script_of  # noqa: F401  (re-exported: connectors and sqAPI code import it here)
+from sqapi.core.results import OMITTED, dump_result, result_was_omitted  # noqa: F401  (re-exported)
 from sqapi.core.status import MESSAGE_STATUSES, Status  # noqa: F401  (MESSAGE_STATUSES re-exported)
 from sqapi.errors import PermanentError
 from sqapi.resources import CORE_SCRIPTS  # the folder holding the core schema (re-exported)
@@ -110,13 +111,6 @@ def load_script(path: str | os.PathLike[str]) -> Script:
 def utcnow() -> str:
     """Now as ISO 8601 UTC with milliseconds: sorts as it reads, in SQLite text and PostgreSQL alike."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def init_script_of(config: dict[str, Any]) -> str | None:
-    """The init script a database config names: ``init`` or sqAPI's ``scripts.init``."""
-    scripts = config.get("scripts")
-    init = config.get("init") or (scripts.get("init") if isinstance(scripts, dict) else None)
-    return str(init) if init else None
 
 
 class Database(Protocol):
@@ -276,6 +270,17 @@ class StatusStore:
                 stack.enter_context(self.claim(uuid))
             yield set(uuids)
 
+    @contextmanager
+    def claim_attempts(self, messages: Sequence[Any], status: str) -> Iterator[dict[str, dict[str, Any] | None]]:
+        """Claim several messages' uuids and count an attempt at each held one; yields uuid -> its row as it was.
+
+        This default is :meth:`claim_many` then :meth:`record_attempts`; PostgreSQL does both in one
+        round trip."""
+        with self.claim_many([m.uuid for m in messages]) as held:
+            mine = [m for m in messages if m.uuid in held]
+            rows = self.record_attempts(mine, status) if mine else []
+            yield {m.uuid: row for m, row in zip(mine, rows, strict=True)}
+
     def update_messages(self, updates: Sequence[tuple[Any, str, str | None]]) -> None:
         """Record ``(message, status, info)`` for several messages in one transaction."""
         if len(updates) == 1:
@@ -417,29 +422,6 @@ def _message_params(message: Any, status: str, info: str | None, attempts: int) 
         "attempts": attempts,
         "now": utcnow(),
     }
-
-
-OMITTED = "__sqapi_result_omitted__"
-
-
-def dump_result(result: Any, limit: int) -> str | None:
-    """A plugin's result as JSON text for ``message_plugins.result``.
-
-    A result over ``limit`` bytes (or not JSON) is replaced by a small marker, so that a later
-    attempt knows the result was not kept and runs the plugin again when another needs it.
-    """
-    if result is None:
-        return None
-    try:
-        text = json.dumps(result, default=str)
-    except (TypeError, ValueError) as exc:
-        return json.dumps({OMITTED: f"not JSON: {type(exc).__name__}"})
-    size = len(text.encode())
-    return text if size <= limit else json.dumps({OMITTED: f"{size} bytes, over processing.max_result_bytes"})
-
-
-def result_was_omitted(stored: str | None) -> bool:
-    return bool(stored) and OMITTED in stored  # type: ignore[operator]
 
 
 def split_statements(script: str) -> Iterator[str]:
