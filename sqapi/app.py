@@ -7,7 +7,6 @@ without it nothing can be recorded) and :meth:`Sqapi.close` closes what it opene
 from __future__ import annotations
 
 import difflib
-import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from sqapi import registry
 from sqapi.config import Config
 from sqapi.connectors.data import DataStore
 from sqapi.connectors.db import CORE_SCRIPTS, init_script_of
+from sqapi.connectors.listeners import make_listener
 from sqapi.connectors.meta import MetaStore
 from sqapi.core.contracts import StatusStore
 from sqapi.core.outcome import Delivery, Outcome
@@ -105,9 +105,7 @@ class Sqapi:
         module = resolve_connector(self.config, "msg_broker")
         section = dict(self.config["msg_broker"])
         section.setdefault("workers", (self.config.get("processing") or {}).get("workers", 4))
-        if "process_batch" in inspect.signature(module.Listener).parameters:
-            return module.Listener(section, self.processor.process, process_batch=self.processor.process_batch)
-        return module.Listener(section, self.processor.process)
+        return make_listener(module.Listener, section, self.processor.process, self.processor.process_batch)
 
     def close(self) -> None:
         for close in reversed(self._closers):

@@ -171,3 +171,21 @@ def test_a_connector_can_come_from_an_installed_entry_point(write_config, workdi
 def test_urls_are_shown_without_user_info_query_or_fragment(url: str, shown: str) -> None:
     from sqapi.config import url_for_logs
     assert url_for_logs(url) == shown
+
+
+def test_a_listener_written_for_sqapi_gets_its_two_arguments_and_a_batch_listener_gets_batches(
+        make_app, workdir, monkeypatch) -> None:
+    (workdir / "mylisteners").mkdir()
+    (workdir / "mylisteners" / "__init__.py").write_text("")
+    (workdir / "mylisteners" / "old.py").write_text(
+        "class Listener:\n"
+        "    def __init__(self, config, process_message):\n"
+        "        self.config, self.process_message = config, process_message\n"
+        "    def start_listeners(self):\n        pass\n")
+    monkeypatch.syspath_prepend(str(workdir))
+    app = make_app({"msg_broker": {"type": "mylisteners.old"}})
+    listener = app.create_listener()
+    assert listener.process_message == app.processor.process
+    from sqapi.connectors.listeners import BatchListener
+    from sqapi.connectors.listeners.rabbitmq import Listener as RabbitListener
+    assert issubclass(RabbitListener, BatchListener)  # sqapi's own gets process_batch

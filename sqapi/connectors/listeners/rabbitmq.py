@@ -51,7 +51,7 @@ from pika.spec import Basic, BasicProperties
 
 from sqapi.backoff import exponential
 from sqapi.config import require_keys
-from sqapi.connectors.listeners import ProcessBatch, ProcessMessage
+from sqapi.connectors.listeners import BatchListener, ProcessBatch, ProcessMessage
 from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
 from sqapi.errors import ConfigError, ConnectorError
 
@@ -620,7 +620,7 @@ class _Session:
             abandon(self.connection)
 
 
-class Listener:
+class Listener(BatchListener):
     """Consumes ``msg_broker.queue_name`` until :meth:`stop`; reconnects by itself."""
 
     def __init__(self, config: dict[str, Any], process_message: ProcessMessage, workers: int | None = None,
