@@ -255,6 +255,7 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
             assert plugin.directory is not None
             plugin.module = import_plugin_folder(plugin.name, plugin.directory)
         _check_execute(plugin.module)
+        check_hooks(plugin.module)
         section = plugin.config.get("plugin") or {}
         plugin.mime_types = _mime_types(plugin.config)
         plugin.after = _string_list(section.get("after"), "plugin.after")
@@ -386,6 +387,41 @@ def import_plugin_folder(name: str, directory: Path) -> types.ModuleType:
         del sys.modules[module_name]
         raise
     return module
+
+
+#: sqapi's optional plugin hooks beside sqAPI's ``execute``, and the keyword arguments each may name
+HOOKS: dict[str, tuple[str, ...]] = {
+    "setup": ("config", "database"),     # once per process that runs the plugin's calls, before the first
+    "teardown": ("config", "database"),  # once at stop in each process whose setup ran
+}
+
+
+def check_hooks(module: types.ModuleType) -> None:
+    """Each hook the plugin defines takes only keyword arguments it may name (checked at load, not on first use)."""
+    for name, allowed in HOOKS.items():
+        hook = getattr(module, name, None)
+        if hook is None:
+            continue
+        if not callable(hook):
+            raise TypeError(f"{name} is not a function")
+        for parameter in inspect.signature(hook).parameters.values():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                continue
+            if parameter.kind is inspect.Parameter.VAR_POSITIONAL or (
+                    parameter.name not in allowed and parameter.default is inspect.Parameter.empty):
+                raise TypeError(f"{name}{inspect.signature(hook)}: '{parameter.name}' is not something sqapi "
+                                f"hands a hook; {name} may name {', '.join(allowed)} (by name, in any order)")
+
+
+def call_hook(module: types.ModuleType | None, name: str, **available: Any) -> bool:
+    """Call hook ``name`` of ``module`` with the arguments it names; False when the plugin has none."""
+    hook = getattr(module, name, None) if module is not None else None
+    if hook is None:
+        return False
+    parameters = inspect.signature(hook).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    hook(**{key: value for key, value in available.items() if takes_all or key in parameters})
+    return True
 
 
 def _check_execute(module: types.ModuleType) -> None:

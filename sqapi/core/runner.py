@@ -45,7 +45,7 @@ from typing import Any
 
 from sqapi import logs
 from sqapi.core.message import Message
-from sqapi.core.plugins import PROCESS, Plugin, PluginSet
+from sqapi.core.plugins import PROCESS, Plugin, PluginSet, call_hook
 from sqapi.core.worker import WorkerSpec
 from sqapi.errors import PluginFailed, PluginTimeout
 
@@ -80,6 +80,8 @@ class PluginRunner:
         self._pools_lock = threading.Lock()
         self._threads = ThreadCalls()
         self._closed = False
+        self._set_up_lock = threading.Lock()
+        self._set_up_done: dict[str, Plugin | None] = {}  # plugins on threads whose setup ran (None: it has none)
 
     @property
     def overdue(self) -> dict[str, int]:
@@ -115,15 +117,42 @@ class PluginRunner:
             except RuntimeError as exc:  # closed: sqapi is stopping
                 return [(None, PluginFailed(f"plugin {plugin.name}: {exc}", retryable=True), 0.0)] * len(calls)
             return pool.run(calls, on_slow)
+        failed = self._set_up(plugin)
+        if failed is not None:
+            return [(None, failed, 0.0)] * len(calls)
         return self._threads.run(plugin, calls, on_slow)
 
+    def _set_up(self, plugin: Plugin) -> BaseException | None:
+        """A plugin on the loader's threads: its ``setup`` hook once in this process, before its first call.
+        A setup that raises fails this batch's calls (to be retried) and is tried again with the next."""
+        with self._set_up_lock:
+            if plugin.name in self._set_up_done:
+                return None
+            try:
+                if call_hook(plugin.module, "setup", config=plugin.config, database=plugin.database):
+                    self._set_up_done[plugin.name] = plugin
+                else:
+                    self._set_up_done[plugin.name] = None
+            except Exception as exc:
+                log.warning("plugin %s: setup failed: %s", plugin.name, exc)
+                return PluginFailed(f"setup failed: {type(exc).__name__}: {exc}", retryable=True)
+        return None
+
     def close(self) -> None:
-        """Stop every worker (idle ones at once; a call still running is not waited for)."""
+        """Stop every worker (idle ones at once; a call still running is not waited for), and tear down the
+        plugins set up on the loader's threads."""
         with self._pools_lock:
             self._closed = True
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             pool.close()
+        with self._set_up_lock:
+            set_up, self._set_up_done = [p for p in self._set_up_done.values() if p is not None], {}
+        for plugin in set_up:
+            try:
+                call_hook(plugin.module, "teardown", config=plugin.config, database=plugin.database)
+            except Exception:
+                log.exception("plugin %s: teardown failed", plugin.name)
 
     def _pool(self, plugin: Plugin) -> WorkerPool:
         with self._pools_lock:

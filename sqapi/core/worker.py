@@ -83,16 +83,26 @@ def main(conn: Connection) -> None:
     sys.path[:] = spec.sys_path or sys.path
     if spec.max_memory:
         resource.setrlimit(resource.RLIMIT_DATA, (spec.max_memory, spec.max_memory))
+    from sqapi.config import Config
+    from sqapi.core.plugins import call_hook
+
+    config = spec.config if isinstance(spec.config, Config) else Config(spec.config)
     try:
         module = _load_module(spec)
         database = _make_database(spec)
-    except BaseException as exc:  # anything the plugin's import or its database raised: the loader says it
+        set_up = call_hook(module, "setup", config=config, database=database)
+    except BaseException as exc:  # anything the plugin's import, its database or its setup raised: the loader says it
         conn.send(("failed", describe_error(exc)))
         return
     conn.send(("ready", os.getpid()))
     try:
         _serve(conn, spec, module, database)
     finally:
+        try:
+            if set_up:
+                call_hook(module, "teardown", config=config, database=database)
+        except BaseException:  # a teardown that fails costs nothing but its log line
+            logging.getLogger(__name__).exception("plugin %s: teardown failed", spec.name)
         if database is not None and hasattr(database, "close"):
             database.close()
 
