@@ -41,7 +41,7 @@ from sqapi.app import database_factory
 from sqapi.config import Config, deep_merge, load_config
 from sqapi.core.content import mime_type, sha256_of
 from sqapi.core.message import Message
-from sqapi.core.plugins import ACTIVE, Plugin, _load_one
+from sqapi.core.plugins import ACTIVE, Plugin, _load_one, call_hook
 
 
 @dataclass
@@ -85,7 +85,8 @@ def load_plugin(directory: str | Path, tmp_path: Path, config: dict[str, Any] | 
 def run_plugin(directory: str | Path, data: bytes, tmp_path: Path, metadata: dict[str, Any] | None = None,
                config: dict[str, Any] | None = None, results: dict[str, Any] | None = None,
                **fields: Any) -> PluginRun:
-    """Load the plugin and call its ``execute`` once on ``data``; returns what it returned and its database.
+    """Load the plugin and call its ``execute`` once on ``data`` -- between its ``setup`` and ``teardown``
+    hooks, when it has them, as sqapi would; returns what it returned and its database.
 
     ``fields`` set the message's own (``uuid``, ``type``, ``data_location``, ``body``...);
     ``results`` are the earlier plugins' results it receives (``message.results``)."""
@@ -98,9 +99,15 @@ def run_plugin(directory: str | Path, data: bytes, tmp_path: Path, metadata: dic
     message.hash_digest = sha256_of(str(path))
     message.type = message.type or mime_type(str(path), message.data_location, metadata)
     assert plugin.module is not None
-    with open(path, "rb") as handle:
-        result = plugin.module.execute(plugin.config, plugin.database, message, dict(metadata or {}),
-                                       io.BufferedReader(handle))
+    hooks = {"config": plugin.config, "database": plugin.database}
+    set_up = call_hook(plugin.module, "setup", **hooks)
+    try:
+        with open(path, "rb") as handle:
+            result = plugin.module.execute(plugin.config, plugin.database, message, dict(metadata or {}),
+                                           io.BufferedReader(handle))
+    finally:
+        if set_up:
+            call_hook(plugin.module, "teardown", **hooks)
     return PluginRun(plugin=plugin, message=message, result=result, database=plugin.database)
 
 

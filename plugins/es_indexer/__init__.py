@@ -85,10 +85,34 @@ def check(config: Mapping[str, Any]) -> None:
                                   "with conf/sqapi.yml)")
 
 
+#: what setup made for this process: the settings, parsed once, and the indexer with its client
+_STATE: dict[str, Any] = {}
+
+
+def setup(config: Mapping[str, Any]) -> None:
+    """Once per process: the settings parsed and the Elasticsearch client made, for every call."""
+    options = settings(config)
+    _STATE.update(options=options, indexer=_indexer_for(options))
+
+
+def teardown() -> None:
+    """At stop: the client's connections closed."""
+    indexer = _STATE.pop("indexer", None)
+    _STATE.pop("options", None)
+    with _indexers_lock:
+        for key in [k for k, v in _indexers.items() if v is indexer]:
+            del _indexers[key]
+    if indexer is not None:
+        indexer.client.close()
+
+
 def execute(config: Any, database: Any, message: Any, metadata: dict[str, Any], data: io.BufferedReader) \
         -> dict[str, Any]:
-    options = settings(config)
-    indexer = _indexer_for(options)
+    if "indexer" in _STATE:
+        options, indexer = _STATE["options"], _STATE["indexer"]
+    else:  # called without setup (a caller of its own): made now, and kept like setup's
+        options = settings(config)
+        indexer = _indexer_for(options)
     body = message.body or {}
     known = database.execute_script(str(SCRIPTS / "select_by_uuid.sql"), uuid_ref=message.uuid)
     if _wants_delete(body, options):

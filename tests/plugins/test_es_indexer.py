@@ -124,3 +124,27 @@ def test_without_hosts_the_indexer_stays_unloaded_and_says_why(make_app: Callabl
     app = make_app({"active_plugins": ["es_indexer"]})
     plugin = app.plugins.plugins["es_indexer"]
     assert plugin.state == "unloaded" and "custom.es_indexer.hosts" in (plugin.reason or "")
+
+
+def test_the_client_is_made_once_by_setup_and_closed_by_teardown(
+        tmp_path: Path, es: ElasticsearchStandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    import elasticsearch
+
+    made: list[object] = []
+    closed: list[object] = []
+    real_init, real_close = elasticsearch.Elasticsearch.__init__, elasticsearch.Elasticsearch.close
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        real_init(self, *args, **kwargs)
+
+    def close(self: Any) -> None:
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(elasticsearch.Elasticsearch, "__init__", init)
+    monkeypatch.setattr(elasticsearch.Elasticsearch, "close", close)
+    run = run_plugin(PLUGIN, b"x", tmp_path, config=config(es, request_timeout=7), uuid="u-9", type="text/plain")
+    assert run.result["result"] == "created"
+    assert len(made) == 1 and closed == made  # run_plugin runs setup and teardown around the call, as sqapi does
+    assert not run.plugin.module._STATE  # type: ignore[union-attr]
