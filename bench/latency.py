@@ -40,20 +40,17 @@ import pika
 import psycopg2
 import psycopg2.extensions
 import yaml
+from common import (  # bench/common.py (this folder is on sys.path)
+    DEFAULT_DATABASE_URL,
+    HOST,
+    NOOP_PLUGIN,
+    PORT,
+    SQAPI,
+    params,
+    rabbitmqctl,
+)
 
-HOST, PORT = os.environ.get("RABBITMQ_HOST", "127.0.0.1"), int(os.environ.get("RABBITMQ_PORT", "5672"))
-SQAPI = os.environ.get("SQAPI_BIN") or str(Path(sys.executable).with_name("sqapi"))
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-NOOP_PLUGIN = "def execute(config, database, message, metadata, data):\n    return None\n"
 CHANNEL = "sqapi_bench_done"
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
-
-
-def params(vhost: str) -> pika.ConnectionParameters:
-    return pika.ConnectionParameters(HOST, PORT, vhost, heartbeat=60)
 
 
 # -- the plain consumer (a subprocess of this script) -----------------------------------------------------

@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -42,10 +41,7 @@ from typing import Any
 import pika
 import psycopg2
 import yaml
-
-HOST, PORT = os.environ.get("RABBITMQ_HOST", "127.0.0.1"), int(os.environ.get("RABBITMQ_PORT", "5672"))
-SQAPI = os.environ.get("SQAPI_BIN") or str(Path(sys.executable).with_name("sqapi"))  # another install to compare
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+from common import DEFAULT_DATABASE_URL, HOST, PORT, SQAPI, rabbitmqctl  # bench/common.py (this folder is on sys.path)
 
 NOOP = "def execute(config, database, message, metadata, data):\n    return None\n"
 WRITER = textwrap.dedent("""\
@@ -70,10 +66,6 @@ INIT = textwrap.dedent("""\
     """)
 INSERT = "INSERT INTO {table} (uuid_ref, data_size, metadata_size) " \
          "VALUES (%(uuid_ref)s, %(data_size)s, %(metadata_size)s);\n"
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
 
 
 def write_plugins(root: Path, case: str, writers: int) -> list[str]:
