@@ -313,3 +313,13 @@ def test_the_built_in_plugins_are_found_through_sqapis_own_entry_points(workdir,
     # found through the entry points, not by scanning sqapi's folder: without them there are none
     monkeypatch.setattr(plugin_module.importlib_metadata, "entry_points", lambda group: [])
     assert plugin_module.discover({}, env={}) == {}
+
+
+def test_every_package_of_sqapi_is_in_the_wheel() -> None:
+    """pyproject.toml lists the packages by hand (the built-ins are mapped from plugins/): none may be forgotten."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "sqapi").rglob("__init__.py")}
+    assert found <= listed, f"missing from [tool.setuptools] packages: {sorted(found - listed)}"
