@@ -372,3 +372,15 @@ def test_a_deadlock_is_a_connector_error_saying_so_not_an_unavailable_server(
     assert "unavailable" not in str(errors[0])
     [(before, after)] = pids.values()
     assert before == after, "the connection was dropped after a deadlock"
+
+
+def test_the_settings_are_read_once_with_one_default_each() -> None:
+    from sqapi.connectors.db.postgres import Database, Settings
+
+    settings = Settings.from_config({"type": "postgres", "connection": {"host": "db.example", "timeout": 4},
+                                     "pool": {"max": 3}, "synchronous_commit": False, "statement_timeout": 2.5})
+    assert (settings.pool_min, settings.pool_max, settings.timeout) == (Settings.pool_min, 3, 4.0)
+    assert (settings.synchronous_commit, settings.statement_timeout_ms) == ("off", 2500)
+    database = Database({"type": "postgres", "connection": {"host": "db.example"}})  # no I/O until used
+    assert (database.pool_max, database.claim_timeout, database.connect_attempts) == \
+        (Settings.pool_max, Settings.claim_timeout, Settings.connect_attempts)

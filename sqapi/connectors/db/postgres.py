@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -100,50 +101,90 @@ class QueryError(SqapiError):
     """An SQL statement the server rejected (syntax, missing table, constraint); names the script or query."""
 
 
-def validate_config(config: dict[str, Any]) -> None:
-    def fail(key: str, problem: str, fix: str) -> None:
-        raise ConfigError(f"database.{key}", problem, fix)
+@dataclass(frozen=True)
+class Settings:
+    """The ``database`` section of type postgres, checked and typed once: the one place of each default.
 
-    dsn = config.get("dsn") or config.get("url")
-    connection = config.get("connection")
-    if connection is not None and not isinstance(connection, dict):
-        fail("connection", f"must be a mapping, not {type(connection).__name__}",
-             "write connection: {host: ..., port: ..., user: ..., name: ...} (a list of hosts is the form of "
-             "type: elasticsearch)")
-    if dsn is not None and not isinstance(dsn, str):
-        fail("dsn", "must be a string", "write dsn: postgresql://user@host:5432/dbname")
-    embedded = config.get("embedded")
-    if embedded is not None and not (isinstance(embedded, dict) and isinstance(embedded.get("directory") or "", str)):
-        fail("embedded", f"must be a mapping like {{directory: .sqapi/postgres}}, not {embedded!r}",
-             "write embedded: {directory: FOLDER}, or give connection.host / dsn for a server")
-    name = (embedded or {}).get("database")
-    if name is not None and not (isinstance(name, str) and _IDENTIFIER.fullmatch(name)):
-        fail("embedded.database", f"{name!r} is not a plain identifier", "use letters, digits and underscores")
-    port = (connection or {}).get("port")
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
-        fail("connection.port", f"must be a whole number, not {port!r}", "set it to the server's port, e.g. 5432")
-    schema = config.get("schema") or None
-    if schema is not None and not (isinstance(schema, str) and _IDENTIFIER.fullmatch(schema)):
-        fail("schema", f"{schema!r} is not a plain identifier", "use letters, digits and underscores")
-    pool = _section(config, "pool")
-    low, high = pool.get("min", 1), pool.get("max", 10)
-    if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1):
-        fail("pool", f"min {low!r} / max {high!r} are not whole numbers with 0 <= min <= max, max >= 1",
-             "set pool.min and pool.max, e.g. {min: 1, max: 10}")
-    retry = _section(config, "connect_retry")
-    attempts = retry.get("attempts", 5)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        fail("connect_retry.attempts", f"must be a whole number >= 1, not {attempts!r}", "set it to e.g. 5")
-    sync = config.get("synchronous_commit")
-    if sync is not None and not (isinstance(sync, bool) or sync in ("on", "off", "local", "remote_write",
-                                                                      "remote_apply")):
-        fail("synchronous_commit", f"{sync!r} is not a PostgreSQL synchronous_commit value", "use on or off")
-    for key, value in (("connect_retry.delay", retry.get("delay", 1.0)),
-                       ("connect_retry.max_delay", retry.get("max_delay", 10.0)),
-                       ("pool.timeout", pool.get("timeout", 30)),
-                       ("claim_timeout", config.get("claim_timeout", 300))):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            fail(key, f"must be a number of seconds >= 0, not {value!r}", f"set database.{key}")
+    :func:`validate_config` is :meth:`from_config` with the result dropped; :class:`Database` keeps it."""
+
+    dsn: str | None = None
+    connection: dict[str, Any] = field(default_factory=dict)
+    embedded: dict[str, Any] | None = None
+    schema: str | None = None
+    timeout: float = 10.0
+    pool_min: int = 1
+    pool_max: int = 10
+    pool_timeout: float = 30.0
+    connect_attempts: int = 5
+    connect_delay: float = 1.0
+    connect_max_delay: float = 10.0
+    claim_timeout: float = 300.0
+    statement_timeout_ms: int | None = None
+    synchronous_commit: str | None = None   # None: the server's
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Settings:
+        def fail(key: str, problem: str, fix: str) -> None:
+            raise ConfigError(f"database.{key}", problem, fix)
+
+        dsn = config.get("dsn") or config.get("url")
+        connection = config.get("connection")
+        if connection is not None and not isinstance(connection, dict):
+            fail("connection", f"must be a mapping, not {type(connection).__name__}",
+                 "write connection: {host: ..., port: ..., user: ..., name: ...} (a list of hosts is the form of "
+                 "type: elasticsearch)")
+        if dsn is not None and not isinstance(dsn, str):
+            fail("dsn", "must be a string", "write dsn: postgresql://user@host:5432/dbname")
+        embedded = config.get("embedded")
+        if embedded is not None and not (isinstance(embedded, dict)
+                                         and isinstance(embedded.get("directory") or "", str)):
+            fail("embedded", f"must be a mapping like {{directory: .sqapi/postgres}}, not {embedded!r}",
+                 "write embedded: {directory: FOLDER}, or give connection.host / dsn for a server")
+        name = (embedded or {}).get("database")
+        if name is not None and not (isinstance(name, str) and _IDENTIFIER.fullmatch(name)):
+            fail("embedded.database", f"{name!r} is not a plain identifier", "use letters, digits and underscores")
+        port = (connection or {}).get("port")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+            fail("connection.port", f"must be a whole number, not {port!r}", "set it to the server's port, e.g. 5432")
+        schema = config.get("schema") or None
+        if schema is not None and not (isinstance(schema, str) and _IDENTIFIER.fullmatch(schema)):
+            fail("schema", f"{schema!r} is not a plain identifier", "use letters, digits and underscores")
+        pool = _section(config, "pool")
+        low, high = pool.get("min", cls.pool_min), pool.get("max", cls.pool_max)
+        if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1):
+            fail("pool", f"min {low!r} / max {high!r} are not whole numbers with 0 <= min <= max, max >= 1",
+                 "set pool.min and pool.max, e.g. {min: 1, max: 10}")
+        retry = _section(config, "connect_retry")
+        attempts = retry.get("attempts", cls.connect_attempts)
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            fail("connect_retry.attempts", f"must be a whole number >= 1, not {attempts!r}", "set it to e.g. 5")
+        sync = config.get("synchronous_commit")
+        if sync is not None and not (isinstance(sync, bool) or sync in ("on", "off", "local", "remote_write",
+                                                                          "remote_apply")):
+            fail("synchronous_commit", f"{sync!r} is not a PostgreSQL synchronous_commit value", "use on or off")
+        seconds = {"connect_retry.delay": retry.get("delay", cls.connect_delay),
+                   "connect_retry.max_delay": retry.get("max_delay", cls.connect_max_delay),
+                   "pool.timeout": pool.get("timeout", cls.pool_timeout),
+                   "claim_timeout": config.get("claim_timeout", cls.claim_timeout)}
+        for key, value in seconds.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                fail(key, f"must be a number of seconds >= 0, not {value!r}", f"set database.{key}")
+        statement_timeout = config.get("statement_timeout")
+        connection = dict(connection or {})
+        return cls(
+            dsn=dsn or None, connection=connection, embedded=dict(embedded) if embedded is not None else None,
+            schema=schema, timeout=float(connection.get("timeout") or config.get("timeout") or cls.timeout),
+            pool_min=int(low), pool_max=int(high), pool_timeout=float(seconds["pool.timeout"]),
+            connect_attempts=int(attempts), connect_delay=float(seconds["connect_retry.delay"]),
+            connect_max_delay=float(seconds["connect_retry.max_delay"]),
+            claim_timeout=float(seconds["claim_timeout"]),
+            statement_timeout_ms=int(float(statement_timeout) * 1000) if statement_timeout else None,
+            synchronous_commit=None if sync is None else ("on" if sync is True else "off" if sync is False
+                                                          else str(sync)))
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    Settings.from_config(config)
 
 
 def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
@@ -250,13 +291,14 @@ class _Bound:
 class Database(StatusStore):
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
-        connection = _section(config, "connection")
-        self._dsn: str | None = config.get("dsn") or config.get("url") or None
+        settings = Settings.from_config(config)
+        connection = settings.connection
+        self._dsn: str | None = settings.dsn
         self._params: dict[str, Any] = {}
         #: the folder of the embedded server, when neither a dsn nor a host names a server
         self.embedded: Path | None = None
         if not self._dsn and not connection.get("host"):
-            embedded = _section(config, "embedded")
+            embedded = settings.embedded or {}
             self.embedded = Path(embedded.get("directory") or ".sqapi/postgres").absolute()
             #: the embedded server's database this one uses (created on first use when not the default one)
             self.embedded_database = str(embedded.get("database") or embedded_server.DBNAME)
@@ -267,22 +309,14 @@ class Database(StatusStore):
                             "user": connection.get("user") or None, "password": connection.get("password") or None}
         self._params = {k: v for k, v in self._params.items() if v is not None}
         self._password = str(connection.get("password") or "") or _dsn_password(self._dsn)
-        self.timeout = float(connection.get("timeout") or config.get("timeout") or 10)
-        self.schema: str | None = config.get("schema") or None
-        pool = _section(config, "pool")
-        self.pool_min = int(pool.get("min", 1))
-        self.pool_max = int(pool.get("max", 10))
-        self.pool_timeout = float(pool.get("timeout", 30))
-        retry = _section(config, "connect_retry")
-        self.connect_attempts = int(retry.get("attempts", 5))
-        self.connect_delay = float(retry.get("delay", 1.0))
-        self.connect_max_delay = float(retry.get("max_delay", 10.0))
-        self.claim_timeout = float(config.get("claim_timeout", 300))
-        statement_timeout = config.get("statement_timeout")
-        self.statement_timeout_ms = int(float(statement_timeout) * 1000) if statement_timeout else None
-        sync = config.get("synchronous_commit")
-        self.synchronous_commit: str | None = None if sync is None else ("on" if sync is True else "off"
-                                                                         if sync is False else str(sync))
+        self.timeout = settings.timeout
+        self.schema: str | None = settings.schema
+        self.pool_min, self.pool_max, self.pool_timeout = settings.pool_min, settings.pool_max, settings.pool_timeout
+        self.connect_attempts = settings.connect_attempts
+        self.connect_delay, self.connect_max_delay = settings.connect_delay, settings.connect_max_delay
+        self.claim_timeout = settings.claim_timeout
+        self.statement_timeout_ms = settings.statement_timeout_ms
+        self.synchronous_commit = settings.synchronous_commit
         self._pool: _Pool | None = None
         self._read_only = False  # set by has_status_tables(): never create the schema
         self._slots = threading.BoundedSemaphore(self.pool_max)
