@@ -155,15 +155,12 @@ class StatusServer:
         self.thread.join(5)
 
 
-def database_ready(make_ping: Callable[[], Callable[[], Any]]) -> Callable[[], tuple[bool, dict[str, Any]]]:
-    """Readiness: the status database answers a ping (made lazily, kept)."""
-    held: list[Callable[[], Any]] = []
+def database_ready(ping: Callable[[], Any]) -> Callable[[], tuple[bool, dict[str, Any]]]:
+    """Readiness: the status database answers ``ping``."""
 
     def check() -> tuple[bool, dict[str, Any]]:
         try:
-            if not held:
-                held.append(make_ping())
-            held[0]()
+            ping()
         except Exception as exc:  # down, whatever the reason; the message names no secret (connector errors)
             return False, {"database": "down", "error": str(exc) or type(exc).__name__}
         return True, {"database": "up"}

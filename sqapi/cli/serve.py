@@ -109,10 +109,15 @@ def loader_status(app: Sqapi, listener: Any, metrics_at: tuple[str, int] | None)
         consuming = bool(getattr(listener, "consuming", True))
         return consuming, {"loader_processes": 1, "consuming": 1 if consuming else 0}
 
+    return _StatusHandle(_status_server(metrics.registry, live, app.database.ping, metrics_at), probe)
+
+
+def _status_server(registry: Any, live: Callable[[], tuple[bool, dict[str, Any]]], ping: Callable[[], Any],
+                   metrics_at: tuple[str, int]) -> observe.StatusServer:
+    """``/metrics`` and ``/health`` of ``sqapi loader`` served at ``metrics_at``; readiness is ``ping`` answering."""
     try:
-        return _StatusHandle(observe.StatusServer(
-            observe.status_app(metrics.registry, live, observe.database_ready(lambda: app.database.ping)),
-            *metrics_at).start(), probe)
+        return observe.StatusServer(observe.status_app(registry, live, observe.database_ready(ping)),
+                                    *metrics_at).start()
     except OSError as exc:
         raise click.ClickException(f"the metrics port cannot listen on {metrics_at[0]}:{metrics_at[1]}: "
                                    f"{exc.strerror or exc}") from None
@@ -138,6 +143,7 @@ def supervise(config: Config, count: int, metrics_at: tuple[str, int] | None) ->
     folder = observe.MultiprocessFolder()
     runner.on_exit = folder.process_gone
     registry = observe.summed_registry(folder.path)
+    database = database_factory(config)(dict(config["database"]))  # connects on its first ping
 
     def live() -> tuple[bool, dict[str, Any]]:
         pids = runner.running()
@@ -146,23 +152,15 @@ def supervise(config: Config, count: int, metrics_at: tuple[str, int] | None) ->
         return len(pids) == count and not idle, {"loader_processes": len(pids), "expected": count,
                                                  "not_consuming": idle}
 
-    def database_ping() -> Callable[[], Any]:
-        database = database_factory(config)(dict(config["database"]))
-        return database.ping
-
     try:
-        server = observe.StatusServer(observe.status_app(registry, live, observe.database_ready(database_ping)),
-                                      *metrics_at).start()
-    except OSError as exc:
-        folder.close()
-        raise click.ClickException(f"the metrics port cannot listen on {metrics_at[0]}:{metrics_at[1]}: "
-                                   f"{exc.strerror or exc}") from None
-    try:
-        return runner.run()
+        server = _status_server(registry, live, database.ping, metrics_at)
+        try:
+            return runner.run()
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        database.close()
         folder.close()
-
 
 
 @main.command()

@@ -125,6 +125,8 @@ class PluginRunner:
     def _set_up(self, plugin: Plugin) -> BaseException | None:
         """A plugin on the loader's threads: its ``setup`` hook once in this process, before its first call.
         A setup that raises fails this batch's calls (to be retried) and is tried again with the next."""
+        if plugin.name in self._set_up_done:  # every batch after the first: no lock on the way to the call
+            return None
         with self._set_up_lock:
             if plugin.name in self._set_up_done:
                 return None
@@ -452,7 +454,7 @@ class _Batch:
         now = time.monotonic()
         for job in list(self.assigned.values()):
             if self.timeout is not None and job.queue and now >= job.head_started + self.timeout:
-                self._timed_out(job, now)
+                self._timed_out(job)
             elif len(job.queue) > 1 and not job.withdrawing and now - job.head_started >= SLOW_AFTER:
                 try:  # the calls behind a slow one go back, to be handed to other workers
                     job.worker.conn.send(("withdraw",))
@@ -515,28 +517,26 @@ class _Batch:
         log.warning("plugin %s: worker process %s %s", self.pool.plugin.name, job.worker.pid, ended)
         self._blame(job, PluginFailed(f"its worker process {ended} during the call", retryable=True))
 
-    def _timed_out(self, job: _Assigned, now: float) -> None:
+    def _timed_out(self, job: _Assigned) -> None:
         assert self.timeout is not None
         log.warning("plugin %s: a call ran past its timeout of %gs: killing worker process %s",
                     self.pool.plugin.name, self.timeout, job.worker.pid)
         # The worker runs its calls in order and sends a finished call's answer within FLUSH_AFTER even while
         # the next one runs, so the oldest unanswered call is the one that ran this long: blamed alone, even
         # when the calls queued behind it were not taken back in time (a loaded machine); they go back.
-        self.pool._discard(job.worker)
-        head = job.queue.popleft()
-        self.ran[head] = (None, PluginTimeout(f"timed out after {self.timeout:g}s (its worker process was killed)"),
-                          now - job.head_started)
-        self._give_back(job)
+        self._blame(job, PluginTimeout(f"timed out after {self.timeout:g}s (its worker process was killed)"),
+                    running_known=True)
 
-    def _blame(self, job: _Assigned, error: BaseException) -> None:
+    def _blame(self, job: _Assigned, error: BaseException, running_known: bool = False) -> None:
         """Record ``error`` for the call the lost worker was running, and give the others back.
 
-        With several calls unanswered, which one it was running is not known for sure -- the
-        worker may have held the answers of calls it had finished -- so none is blamed: they all
-        go back, and the rest of the batch runs one call per worker at a time, where a crash or a
-        hang can only be the call's own."""
+        With several calls unanswered after a crash, which one it was running is not known for
+        sure -- the worker may have held the answers of calls it had finished -- so none is blamed:
+        they all go back, and the rest of the batch runs one call per worker at a time, where a
+        crash or a hang can only be the call's own.  ``running_known``: it is the oldest unanswered
+        one (a timeout: the worker was alive to send every earlier answer)."""
         self.pool._discard(job.worker)
-        if len(job.queue) == 1:
+        if len(job.queue) == 1 or (running_known and job.queue):
             head = job.queue.popleft()
             self.ran[head] = (None, error, time.monotonic() - job.head_started)
         elif job.queue:

@@ -96,7 +96,7 @@ def main(conn: Connection) -> None:
         return
     conn.send(("ready", os.getpid()))
     try:
-        _serve(conn, spec, module, database)
+        _serve(conn, spec, config, module, database)
     finally:
         try:
             if set_up:
@@ -210,16 +210,13 @@ class _Outbox:
                     self.cond.wait(due)
 
 
-def _serve(conn: Connection, spec: WorkerSpec, module: types.ModuleType, database: Any) -> None:
+def _serve(conn: Connection, spec: WorkerSpec, config: Any, module: types.ModuleType, database: Any) -> None:
     """Run the calls as they come, one at a time.
 
     A call that hangs finds the answers of the calls before it sent within FLUSH_AFTER (the
     flusher thread), so the loader blames the right one; a crash can take answers held with it,
     which the loader knows (several calls unanswered) and sorts out by running those calls one by
     one."""
-    from sqapi.config import Config
-
-    config = spec.config if isinstance(spec.config, Config) else Config(spec.config)
     inbox = _Inbox(conn)
     outbox = _Outbox(inbox)
     threading.Thread(target=inbox.read, name="sqapi-worker-reader", daemon=True).start()
