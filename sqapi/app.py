@@ -12,15 +12,16 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqapi import registry
 from sqapi.config import Config
 from sqapi.connectors.data import DataStore
 from sqapi.connectors.db import CORE_SCRIPTS, init_script_of
-from sqapi.connectors.listeners import make_listener
+from sqapi.connectors.listeners import SqapiListener, make_listener
 from sqapi.connectors.meta import MetaStore
-from sqapi.core.contracts import StatusStore
+from sqapi.core.consumer import Consumer
+from sqapi.core.contracts import Component, StatusStore
 from sqapi.core.outcome import Delivery, Outcome
 from sqapi.core.plugins import PluginSet, load_plugins
 from sqapi.core.processor import Processor
@@ -34,12 +35,10 @@ def resolve_connector(config: Config, topic: str) -> Any:
     section = config.get(topic) or {}
     kind = str(section.get("type"))
     module = registry.resolve(topic, kind, source=config.source)
-    validate = getattr(module, "validate_config", None)
-    if callable(validate):
-        try:
-            validate(section)
-        except ConfigError as exc:
-            raise ConfigError(exc.key, exc.problem, exc.fix, config.source) from None
+    try:
+        registry.validate_section(module, section)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.problem, exc.fix, config.source) from None
     return module
 
 
@@ -56,18 +55,37 @@ def validate(config: Config) -> None:
                           "run sqapi from its source tree (pip install -e .)", config.source)
 
 
+def broker_section(config: Config) -> dict[str, Any]:
+    """The ``msg_broker`` section, its ``workers`` defaulting to ``processing.workers``."""
+    section = dict(config["msg_broker"])
+    section.setdefault("workers", (config.get("processing") or {}).get("workers", 4))
+    return section
+
+
+def connector(config: Config, topic: str) -> Component:
+    """One connector of ``config[topic]`` on its own, ready to ``ping()`` (for ``sqapi check``)."""
+    module = resolve_connector(config, topic)
+    section = dict(config[topic])
+    if topic == "database":
+        return cast(Component, module.Database(section))
+    if topic == "msg_broker":
+        return make_listener(module.Listener, broker_section(config), _refuse, _refuse)
+    store = (DataStore if topic == "data_store" else MetaStore)(module, section)
+    store.connect()
+    return store
+
+
+def _refuse(*_args: Any) -> Any:
+    raise RuntimeError("a listener made to be checked processes nothing")
+
+
 def database_factory(config: Config) -> Callable[[dict[str, Any]], Any]:
     """Builds a Database for any ``database`` section: of the section's own ``type`` (a plugin's may name another
     than the main one), checked by that type's ``validate_config``."""
     main_type = str((config.get("database") or {}).get("type"))
 
     def make(section: dict[str, Any]) -> Any:
-        kind = str(section.get("type") or main_type)
-        module = registry.resolve("database", kind, source=config.source)
-        validate = getattr(module, "validate_config", None)
-        if callable(validate):
-            validate(section)
-        return module.Database(dict(section, type=kind))
+        return registry.database(dict(section, type=str(section.get("type") or main_type)), config.source)
 
     return make
 
@@ -101,11 +119,11 @@ class Sqapi:
         if not self.plugins.order:
             log.warning("no active plugin: messages will be recorded DONE without any plugin running")
 
-    def create_listener(self) -> Any:
-        module = resolve_connector(self.config, "msg_broker")
-        section = dict(self.config["msg_broker"])
-        section.setdefault("workers", (self.config.get("processing") or {}).get("workers", 4))
-        return make_listener(module.Listener, section, self.processor.process, self.processor.process_batch)
+    def create_listener(self) -> Consumer | SqapiListener:
+        """What consumes ``msg_broker``: a :class:`~sqapi.core.consumer.Consumer` driving the type's transport
+        (sqAPI's kind of listener adapted)."""
+        return make_listener(resolve_connector(self.config, "msg_broker").Listener, broker_section(self.config),
+                             self.processor.process, self.processor.process_batch)
 
     def close(self) -> None:
         for close in reversed(self._closers):
@@ -116,16 +134,11 @@ class Sqapi:
         self._closers.clear()
 
 
-#: what the processor calls on the status database (sqapi.core.contracts.StatusStore), named in the error
-_STATUS_METHODS = sorted(name for name in vars(StatusStore) if not name.startswith("_")
-                         and callable(getattr(StatusStore, name)))
-
-
 def _require_status_store(database: Any, kind: str, source: str) -> None:
     """The status database must be a :class:`~sqapi.core.contracts.StatusStore`; said at start, not mid-message."""
     if isinstance(database, StatusStore):
         return
-    missing = [name for name in _STATUS_METHODS if not callable(getattr(database, name, None))]
+    missing = registry.missing_methods(database, StatusStore)
     database.close()
     raise ConfigError("database.type", f"type '{kind}' cannot hold sqapi's status: it has no {', '.join(missing)}",
                       "use postgres or sqlite for the status database (a type of your own subclasses "

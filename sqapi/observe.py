@@ -96,7 +96,7 @@ class ConsumingProbe:
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
-            self.gauge.set(1 if getattr(self.listener, "consuming", True) else 0)
+            self.gauge.set(1 if self.listener.consuming else 0)
 
     def stop(self) -> None:
         self._stop.set()

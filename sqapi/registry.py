@@ -4,6 +4,11 @@
 also be an installed package's entry point (group ``sqapi.connectors.<topic>``) or a
 fully qualified name: ``mypkg.store`` (a module) or ``mypkg.store:attr``.
 An unknown type is a :class:`~sqapi.errors.ConfigError` listing the types available.
+
+It is also the one place that looks at what a connector written elsewhere offers (sqAPI's
+connectors are modules whose functions are optional): :func:`validate_section`,
+:func:`database`, :func:`where`, :func:`missing_methods`, :func:`status_tables_found`.  Core, the
+builder and the command line call these, never ``getattr`` on a connector.
 """
 
 from __future__ import annotations
@@ -84,3 +89,63 @@ def _import_qualified(kind: str, key: str, source: str | None) -> Any:
     except AttributeError:
         raise ConfigError(key, f"'{module_name}' has no attribute '{attr}'",
                           f"name an attribute that exists in {module_name}", source) from None
+
+
+# -- what a connector offers -----------------------------------------------------------------------
+def validate_section(module: Any, section: dict[str, Any]) -> None:
+    """The connector's own ``validate_config(section)``, when it has one (raises ConfigError)."""
+    validate = getattr(module, "validate_config", None)
+    if callable(validate):
+        validate(section)
+
+
+def database(section: dict[str, Any], source: str | None = None, pinned: bool = False) -> Any:
+    """A ``Database`` of ``section['type']``, checked by that type's ``validate_config``.  ``pinned``: for one
+    thread calling one plugin at a time (a plugin worker process) -- one connection, kept, where the type can."""
+    module = resolve("database", str(section.get("type")), source=source)
+    validate_section(module, section)
+    made = module.Database(section)
+    pin = getattr(made, "pin", None)
+    if pinned and callable(pin):
+        pin()
+    return made
+
+
+def missing_methods(component: Any, protocol: type) -> list[str]:
+    """The methods ``protocol`` lists that ``component`` lacks (for an error naming them)."""
+    wanted = sorted(name for name, value in vars(protocol).items() if not name.startswith("_") and callable(value))
+    return [name for name in wanted if not callable(getattr(component, name, None))]
+
+
+def status_tables_found(database: Any) -> bool | None:
+    """Whether the status tables exist; None when the database type cannot tell."""
+    has_tables = getattr(database, "has_status_tables", None)
+    return bool(has_tables()) if callable(has_tables) else None
+
+
+def where(component: Any, section: dict[str, Any], with_schema: bool = False) -> str:
+    """Where a connector is, for people: what it says of itself (``describe()``/``where()``, on it or on its
+    ``settings``), else its section's address keys (URLs without user info or query).  Never a password.
+    ``with_schema``: a database's schema too, when it has one."""
+    from sqapi.config import url_for_logs
+
+    for source in (component, getattr(component, "settings", None)):
+        for name in ("describe", "where"):
+            method = getattr(source, name, None)
+            if callable(method):
+                try:
+                    text = method()
+                except Exception:  # only a label
+                    continue
+                if isinstance(text, str) and text:
+                    schema = getattr(component, "schema", None) if with_schema else None
+                    return f"{text} (schema {schema})" if isinstance(schema, str) and schema else text
+    url = section.get("url") or section.get("auth_url")
+    if url:
+        return url_for_logs(str(url))
+    if section.get("host"):
+        return f"{section['host']}:{section['port']}" if section.get("port") else str(section["host"])
+    for key in ("base_dir", "directory", "path"):
+        if section.get(key):
+            return str(section[key])
+    return ""

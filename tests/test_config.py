@@ -185,7 +185,7 @@ def test_a_listener_written_for_sqapi_gets_its_two_arguments_and_a_batch_listene
     monkeypatch.syspath_prepend(str(workdir))
     app = make_app({"msg_broker": {"type": "mylisteners.old"}})
     listener = app.create_listener()
-    assert listener.process_message == app.processor.process
-    from sqapi.connectors.listeners import BatchListener
+    assert listener.listener.process_message == app.processor.process  # sqAPI's two arguments, adapted
+    from sqapi.connectors.listeners import Transport
     from sqapi.connectors.listeners.rabbitmq import Listener as RabbitListener
-    assert issubclass(RabbitListener, BatchListener)  # sqapi's own gets process_batch
+    assert issubclass(RabbitListener, Transport)  # sqapi's own is a transport the consumer drives

@@ -165,6 +165,7 @@ def test_stop_finishes_in_flight_work_and_leaves_the_rest_waiting(make_app, writ
 
 def test_a_file_whose_handling_raises_goes_back_to_retry_at_once_and_is_handled_again(tmp_path: Path) -> None:
     from sqapi.connectors.listeners.directory import Listener
+    from sqapi.core.consumer import Consumer
     from sqapi.core.outcome import Action, Delivery, Outcome
 
     deliveries: list[Delivery] = []
@@ -178,8 +179,11 @@ def test_a_file_whose_handling_raises_goes_back_to_retry_at_once_and_is_handled_
         return Outcome(uuid="m", status="DONE", action=Action.ACK)
 
     drop(tmp_path / "spool", "m.json", {"uuid_ref": "m", "data_location": "x"})
-    listener = Listener({"directory": str(tmp_path / "spool"), "poll_interval": 0.05, "handback_delay": 0.3},
-                        process)
+    def process_batch(items: list[tuple[bytes, Delivery]]) -> list[Outcome]:
+        return [process(raw, delivery) for raw, delivery in items]
+
+    listener = Consumer(Listener({"directory": str(tmp_path / "spool"), "poll_interval": 0.05,
+                                  "handback_delay": 0.3}), process_batch)  # type: ignore[arg-type]
     started = time.monotonic()
     listener.start_listeners(until_idle=True)
     assert time.monotonic() - started >= 0.3  # it waited the hand-back delay

@@ -28,7 +28,8 @@ def app(make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path]) -> Sq
 def test_published_messages_are_processed_in_batches_and_join_waits_for_all(
         app: Sqapi, write_data: Callable[[str, bytes | str], str]) -> None:
     location = write_data("a.txt", "hello")
-    with app.create_listener().running() as listener:
+    with app.create_listener().running() as consumer:
+        listener = consumer.transport
         for n in range(20):
             listener.publish({"uuid_ref": f"m{n}", "data_location": location})
         listener.join()
@@ -38,7 +39,8 @@ def test_published_messages_are_processed_in_batches_and_join_waits_for_all(
 
 def test_a_retry_waits_its_delay_and_join_waits_for_it_too(
         app: Sqapi, write_data: Callable[[str, bytes | str], str]) -> None:
-    with app.create_listener().running() as listener:
+    with app.create_listener().running() as consumer:
+        listener = consumer.transport
         listener.publish({"uuid_ref": "late", "data_location": "late.txt"})
         listener.wait_until(lambda: listener.outcomes)  # the first attempt: RETRY, the data is not there yet
         write_data("late.txt", "here now")
@@ -50,7 +52,8 @@ def test_a_retry_waits_its_delay_and_join_waits_for_it_too(
 def test_what_cannot_be_processed_is_dead_lettered_with_its_reason(
         app: Sqapi, write_data: Callable[[str, bytes | str], str]) -> None:
     location = write_data("a.txt", "hello")
-    with app.create_listener().running() as listener:
+    with app.create_listener().running() as consumer:
+        listener = consumer.transport
         listener.publish(b"not json")
         listener.publish({"uuid_ref": "poison", "data_location": location, "metadata": {"fail": True}})
         listener.publish({"uuid_ref": "fine", "data_location": location})
@@ -62,7 +65,7 @@ def test_what_cannot_be_processed_is_dead_lettered_with_its_reason(
 
 
 def test_join_says_what_is_unsettled_when_nothing_consumes(app: Sqapi) -> None:
-    listener = app.create_listener()
+    listener = app.create_listener().transport
     listener.publish({"uuid_ref": "x", "data_location": "x.txt"})
     with pytest.raises(TimeoutError, match="1 message"):
         listener.join(timeout=0.2)

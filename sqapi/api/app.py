@@ -115,7 +115,7 @@ def _components(sqapi: Sqapi, listener: Any) -> list[Component]:
     broker_ping: Any
     try:
         broker = listener if listener is not None else sqapi.create_listener()
-        broker_ping = getattr(broker, "ping", None) or (lambda: None)
+        broker_ping = broker.ping
     except Exception as exc:  # a broker that cannot even be built is reported as down, not a crash
         problem = exc
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from sqapi import __version__
-from sqapi.app import build, resolve_connector
+from sqapi import __version__, registry
+from sqapi.app import build, connector
 from sqapi.cli.base import (
     build_or_exit,
     config_option,
@@ -18,7 +18,6 @@ from sqapi.cli.base import (
     main,
     register_plugin_secrets,
 )
-from sqapi.config import url_for_logs
 from sqapi.core.status import MESSAGE_STATUSES
 from sqapi.errors import SqapiError
 
@@ -96,9 +95,6 @@ def _component_line(ok: bool, name: str, detail: str) -> str:
 @click.pass_context
 def check(ctx: click.Context, config_path: str | None) -> None:
     """Validate the config and reach every configured system; one line each, exit 1 on any failure."""
-    from sqapi.connectors.data import DataStore
-    from sqapi.connectors.meta import MetaStore
-
     config = load(ctx, config_path, default_level="CRITICAL")
     click.echo(_component_line(True, "config", config.source))
     failures = 0
@@ -106,20 +102,11 @@ def check(ctx: click.Context, config_path: str | None) -> None:
         section = dict(config.get(topic) or {})
         label = f"{section.get('type')}"
         try:
-            module = resolve_connector(config, topic)
-            if topic == "database":
-                component: Any = module.Database(section)
+            component = connector(config, topic)
+            try:
                 component.ping()
-            elif topic == "msg_broker":
-                component = module.Listener(section, lambda raw, delivery: None)
-                if hasattr(component, "ping"):
-                    component.ping()
-            else:
-                component = (DataStore if topic == "data_store" else MetaStore)(module, section)
-                component.connect()
-                component.ping()
-            where = _where(section, component)
-            if hasattr(component, "close"):
+                where = registry.where(component, section)
+            finally:
                 component.close()
             click.echo(_component_line(True, topic, f"{label} at {where}" if where else label))
         except (SqapiError, OSError) as exc:
@@ -145,51 +132,22 @@ def check(ctx: click.Context, config_path: str | None) -> None:
         sys.exit(1)
 
 
-def _where(section: dict[str, Any], component: Any) -> str:
-    """Where a checked component is, for ``sqapi check``: what it says of itself, else its section's address
-    keys (URLs without user info or query).  Never a password."""
-    for source in (component, getattr(component, "settings", None)):
-        for name in ("describe", "where"):
-            method = getattr(source, name, None)
-            if callable(method):
-                try:
-                    text = method()
-                except Exception:  # only a label: the check itself passed
-                    continue
-                if isinstance(text, str) and text:
-                    return text
-    url = section.get("url") or section.get("auth_url")
-    if url:
-        return url_for_logs(str(url))
-    if section.get("host"):
-        return f"{section['host']}:{section['port']}" if section.get("port") else str(section["host"])
-    for key in ("base_dir", "directory", "path"):
-        if section.get(key):
-            return str(section[key])
-    return ""
-
-
 def _open_database(ctx: click.Context, config_path: str | None) -> Any:
     """The status database, only to read: nothing is created (no file, schema or table)."""
     config = load(ctx, config_path, default_level="WARNING")
     section = dict(config["database"])
     try:
-        database = resolve_connector(config, "database").Database(section)
+        database = registry.database(section, config.source)
     except SqapiError as exc:
         raise click.ClickException(f"cannot read the status database: {exc}") from None
-    has_tables = getattr(database, "has_status_tables", None)
-    if has_tables is None:  # a database type that cannot tell: its queries will say what is wrong
-        return database
     try:
-        found = has_tables()
+        found = registry.status_tables_found(database)  # None: the type cannot tell; its queries will say
     except SqapiError as exc:
         database.close()
         raise click.ClickException(f"cannot read the status database: {exc}") from None
-    if not found:
+    if found is False:
         database.close()
-        where = database.describe() if hasattr(database, "describe") else section.get("type")
-        if getattr(database, "schema", None):
-            where = f"{where} (schema {database.schema})"
+        where = registry.where(database, section, with_schema=True) or section.get("type")
         raise click.ClickException(f"no status database at {where}: run sqapi process/run first")
     return database
 

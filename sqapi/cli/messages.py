@@ -22,6 +22,8 @@ from sqapi.cli.base import (
     register_plugin_secrets,
 )
 from sqapi.config import Config
+from sqapi.connectors.data import DataStore
+from sqapi.connectors.listeners import publisher_for
 from sqapi.core.outcome import Action, Delivery, Outcome
 from sqapi.core.status import Status
 from sqapi.errors import SqapiError
@@ -149,13 +151,12 @@ def process_with_retries(app: Sqapi, raw: bytes | dict[str, Any], delivery_id: s
 def upload_to_data_store(config: Config, local: Path, object_ref: str) -> str:
     """Put ``local`` into the configured data store as ``object_ref``; returns the data_location to publish."""
     section = dict(config.get("data_store") or {})
-    module = resolve_connector(config, "data_store")
-    upload = getattr(module, "upload", None)
-    if not callable(upload):
-        raise click.ClickException(f"--upload is not supported for data_store type '{section.get('type')}'; "
-                                   "upload the object yourself and pass --data-location")
+    store = DataStore(resolve_connector(config, "data_store"), section)
     try:
-        return str(upload(section, str(local), object_ref))
+        return store.upload(str(local), object_ref)
+    except NotImplementedError:
+        raise click.ClickException(f"--upload is not supported for data_store type '{section.get('type')}'; "
+                                   "upload the object yourself and pass --data-location") from None
     except SqapiError as exc:
         raise click.ClickException(f"upload failed: {exc}") from None
 
@@ -215,11 +216,11 @@ def publish(ctx: click.Context, config_path: str | None, uuid_ref: str | None, d
 
     config = load(ctx, config_path, default_level="WARNING")
     broker = dict(config.get("msg_broker") or {})
-    module = resolve_connector(config, "msg_broker")
-    publisher_class = getattr(module, "Publisher", None)
-    if publisher_class is None:
+    try:
+        publisher = publisher_for(resolve_connector(config, "msg_broker").Listener, broker)
+    except NotImplementedError:
         raise click.ClickException(f"msg_broker type '{broker.get('type')}' cannot publish; configure "
-                                   "msg_broker.type: rabbitmq (or drop files in the spool folder)")
+                                   "msg_broker.type: rabbitmq or directory") from None
     bodies: list[tuple[str, bytes | dict[str, Any]]] = []
     if upload is not None or data_location or uuid_ref:
         location = data_location or (upload.name if upload is not None else None)
@@ -243,7 +244,6 @@ def publish(ctx: click.Context, config_path: str | None, uuid_ref: str | None, d
             raise click.ClickException(f"{name}: not published, malformed message: {exc}") from None
         ready.append((parsed.uuid, raw if isinstance(raw, bytes) else json.dumps(raw).encode()))
 
-    publisher = publisher_class(broker)
     try:
         publisher.open()
         for uuid, body in ready:

@@ -106,7 +106,7 @@ def loader_status(app: Sqapi, listener: Any, metrics_at: tuple[str, int] | None)
     probe = observe.ConsumingProbe(listener, registry=metrics.registry)
 
     def live() -> tuple[bool, dict[str, Any]]:
-        consuming = bool(getattr(listener, "consuming", True))
+        consuming = bool(listener.consuming)
         return consuming, {"loader_processes": 1, "consuming": 1 if consuming else 0}
 
     return _StatusHandle(_status_server(metrics.registry, live, app.database.ping, metrics_at), probe)

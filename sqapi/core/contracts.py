@@ -9,7 +9,11 @@ hands deliveries to the processor.
   (PostgreSQL and SQLite build on it); a database type of your own subclasses it.
 * :class:`DataStore` -- brings a message's data object to local disk (:class:`LocalCopy`).
 * :class:`MetaStore` -- fetches a message's metadata.
-* :class:`Listener` -- delivers messages until stopped.
+* :class:`Transport` -- a listener type: receives deliveries and settles them as the processor's
+  outcomes say; :class:`sqapi.core.consumer.Consumer` drives every one (threads, batches,
+  reconnects, stopping).
+* :class:`Listener` -- what runs the message loop (a consumer over a transport, or a listener
+  written for sqAPI): consumes until stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from sqapi.core.consumer import Inbox, Received
+    from sqapi.core.outcome import Outcome
 
 
 @dataclass
@@ -89,9 +97,65 @@ class MetaStore(Protocol):
         """The metadata ``reference`` names."""
 
 
+class Component(Protocol):
+    """Any connector, as ``sqapi check`` and the API's health see it."""
+
+    def ping(self) -> None:
+        """Raise unless the system behind it answers."""
+
+    def close(self) -> None:
+        """Let go of connections."""
+
+
+class Transport(Protocol):
+    """Where deliveries come from and go to.  Called by one :class:`~sqapi.core.consumer.Consumer`:
+    :meth:`open`, :meth:`receive`, :meth:`stop_receiving`, :meth:`hand_back` and :meth:`close` from
+    its receiving thread; :meth:`settle` from worker threads; :meth:`interrupt` from any thread."""
+
+    def open(self) -> None:
+        """Connect and start receiving; :class:`~sqapi.errors.ConnectorError` when the source cannot be
+        reached (the consumer tries again after a growing pause)."""
+
+    def receive(self, inbox: Inbox, timeout: float) -> None:
+        """Put what arrives within ``timeout`` seconds in the inbox (``inbox.put``), and do what settling
+        needs this thread for.  Raises :class:`~sqapi.errors.ConnectorError` when the source is lost.
+        After :meth:`stop_receiving` it only waits and settles."""
+
+    def settle(self, received: Sequence[Received], outcomes: Sequence[Outcome | None]) -> None:
+        """Act on each outcome: ``ACK`` removes the delivery, ``RETRY`` gives it again after
+        ``outcome.delay`` seconds, ``DEAD_LETTER`` sets it aside with ``outcome.reason``; ``None`` (the
+        processor itself failed) gives it back to be delivered again.  Never raises for one delivery:
+        what cannot be settled is delivered again by the source."""
+
+    def hand_back(self, received: Sequence[Received]) -> None:
+        """Deliveries no worker started: back to the source, unchanged (none lost, no attempt counted)."""
+
+    def stop_receiving(self) -> None:
+        """No new deliveries from now on (the consumer is stopping)."""
+
+    def interrupt(self) -> None:
+        """Make a :meth:`receive` that is waiting return soon (the consumer was told to stop)."""
+
+    def drained(self) -> bool:
+        """True when the source is known to hold nothing more, due now or later (``until_idle``)."""
+
+    def close(self) -> None:
+        """Disconnect; deliveries not settled are delivered again by the source."""
+
+    def ping(self) -> None:
+        """Check that the source is reachable; :class:`~sqapi.errors.ConnectorError` when not."""
+
+
 class Listener(Protocol):
+    """What runs the message loop: ``sqapi loader``, ``sqapi run`` and the API's health call these."""
+
+    consuming: bool
+
     def start_listeners(self) -> None:
         """Deliver messages to the processor until :meth:`stop`."""
 
     def stop(self) -> None:
         """Stop delivering; in-flight messages finish."""
+
+    def ping(self) -> None:
+        """Check that the message source is reachable."""

@@ -103,7 +103,7 @@ def main(conn: Connection) -> None:
                 call_hook(module, "teardown", config=config, database=database)
         except BaseException:  # a teardown that fails costs nothing but its log line
             logging.getLogger(__name__).exception("plugin %s: teardown failed", spec.name)
-        if database is not None and hasattr(database, "close"):
+        if database is not None:
             database.close()
 
 
@@ -274,12 +274,9 @@ def _make_database(spec: WorkerSpec) -> Any:
         return None
     from sqapi import registry
 
-    module = registry.resolve("database", str(spec.database.get("type")))
-    database = module.Database(dict(spec.database))  # connects on first use: its init script ran in the loader
-    pin = getattr(database, "pin", None)
-    if callable(pin):  # one thread calls the plugin, one call at a time: one connection, kept
-        pin()
-    return database
+    # connects on first use (its init script ran in the loader); one thread calls the plugin, one call at a
+    # time: one connection, kept
+    return registry.database(dict(spec.database), pinned=True)
 
 
 def _die_with_parent(interval: float = 0.5) -> None:

@@ -11,7 +11,7 @@ import pika
 import pytest
 
 from sqapi.app import Sqapi
-from sqapi.connectors.listeners.rabbitmq import BrokerSettings, Listener, backoff
+from sqapi.connectors.listeners.rabbitmq import BrokerSettings, Listener
 from sqapi.errors import ConfigError, ConnectorError
 from tests.rabbitmq.conftest import (
     connection,
@@ -141,12 +141,12 @@ def test_data_that_appears_after_the_first_attempt_is_picked_up_on_retry(
 
 
 def test_ping_fails_with_a_clear_error_that_never_shows_the_password(broker: dict[str, Any]) -> None:
-    listener = Listener({**broker, "password": "s3cret-pw"}, lambda raw, delivery: None)  # type: ignore[arg-type]
+    listener = Listener({**broker, "password": "s3cret-pw"})
     with pytest.raises(ConnectorError) as caught:
         listener.ping()
     assert "refused the credentials" in str(caught.value)
     assert "s3cret-pw" not in str(caught.value)
-    Listener(broker, lambda raw, delivery: None).ping()  # type: ignore[arg-type]
+    Listener(broker).ping()
 
 
 def test_settings_take_sqapi_names_and_bound_the_prefetch() -> None:
@@ -154,13 +154,6 @@ def test_settings_take_sqapi_names_and_bound_the_prefetch() -> None:
     assert settings.exchange_name == "x" and settings.queue_name == "q"
     assert settings.prefetch >= settings.workers
     assert settings.dead_letter_name == "q.dead"
-
-
-def test_reconnect_backoff_grows_and_is_capped() -> None:
-    delays = [backoff(n, initial=0.5, cap=4.0) for n in range(1, 10)]
-    assert 0.25 <= delays[0] <= 0.5
-    assert all(d <= 4.0 for d in delays)
-    assert max(delays[5:]) > 1.0
 
 
 def test_sqapi_check_reaches_rabbitmq_and_names_it_when_down(
@@ -176,22 +169,6 @@ def test_sqapi_check_reaches_rabbitmq_and_names_it_when_down(
     assert down.exit_code == 1
     assert "FAIL  msg_broker  rabbitmq: RabbitMQ at 127.0.0.1:1" in down.output
     assert "s3cret-pw" not in down.output
-
-
-@pytest.mark.parametrize("per_message, expected", [
-    (None, 1),        # nothing measured yet: one delivery, so a slow first plugin holds up no other
-    (0.0001, 128),    # quick: full batches (batch_size)
-    (0.05, 10),       # 50 ms each: as many as fit in BATCH_SECONDS (0.5 s)
-    (2.0, 1),         # slower than BATCH_SECONDS: one at a time
-])
-def test_batches_are_cut_to_the_measured_time_per_message(per_message: float | None, expected: int) -> None:
-    from types import SimpleNamespace
-
-    from sqapi.connectors.listeners.rabbitmq import _Session
-
-    session = SimpleNamespace(per_message=per_message, settings=BrokerSettings.from_config({}))
-    assert BrokerSettings.from_config({}).batch_size == 128
-    assert _Session.batch_limit(session) == expected  # type: ignore[arg-type]
 
 
 def test_a_message_that_cannot_be_set_aside_waits_with_growing_pauses_instead_of_spinning(

@@ -14,7 +14,8 @@ Errors: a missing object raises :class:`LookupError` (sqapi's :class:`~sqapi.err
 which is retried; an unreachable system raises :class:`~sqapi.errors.ConnectorError` (retried);
 a reference the store refuses raises :class:`~sqapi.errors.AccessDenied` (never retried).
 
-Optional, for stores that keep a connection: ``connect(config)`` returning an object with
+Optional: ``upload(config, local_path, object_ref) -> str`` (the data_location to publish) for
+``sqapi publish --upload``.  Optional, for stores that keep a connection: ``connect(config)`` returning an object with
 ``download_to_disk(object_ref)``, ``ping()`` and ``close()``; and ``validate_config(config)``
 raising :class:`~sqapi.errors.ConfigError` for a wrong section.
 """
@@ -44,3 +45,11 @@ class DataStore(StoreAdapter):
         """Bring ``object_ref`` to local disk; errors are translated to sqapi's kinds."""
         path = self.call("download_to_disk", object_ref)
         return LocalCopy(path=path, temporary=not getattr(self.module, "RETURNS_ORIGINAL", False))
+
+    def upload(self, local: str, object_ref: str) -> str:
+        """Put the local file ``local`` in the store as ``object_ref``; the data_location to publish.
+        :class:`NotImplementedError` for a type that cannot."""
+        upload = getattr(self.module, "upload", None)
+        if not callable(upload):
+            raise NotImplementedError(f"data_store type '{self.kind}' cannot upload")
+        return str(upload(self.config, local, object_ref))

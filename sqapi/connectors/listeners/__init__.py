@@ -1,46 +1,131 @@
 """Listeners: where messages come from.
 
 A listener module (``sqapi/connectors/listeners/<type>.py``, selected by ``msg_broker.type``)
-provides ``class Listener(config: dict, process_message)``:
+provides ``class Listener``.  Two kinds are accepted:
 
-* ``config`` is the ``msg_broker`` section;
-* ``process_message(raw, delivery: Delivery) -> Outcome`` is the processor's entry point;
-  the listener acts on the outcome -- ``ACK`` removes the delivery, ``RETRY`` redelivers it
-  after ``outcome.delay`` seconds, ``DEAD_LETTER`` sets it aside with ``outcome.reason``;
-* ``start_listeners()`` blocks, consuming until ``stop()`` is called (from a signal handler
-  or another thread); in-flight messages are finished or handed back, never lost;
-* ``ping()`` (optional) checks that the source is reachable.
-
-A listener that subclasses :class:`BatchListener` also takes ``process_batch(items: list[(raw,
-Delivery)]) -> list[Outcome]`` (keyword ``process_batch``): several deliveries processed together
-with shared status writes, one outcome each, every one recorded before it returns.  A listener
-written for sqAPI -- ``Listener(config, process_message)`` -- works unchanged: it is given
-``process_message`` only.
+* a **transport** -- a subclass of :class:`Transport`, built as ``Listener(config)`` from the
+  ``msg_broker`` section (sqapi's own: ``rabbitmq``, ``directory``, ``memory``).  It only moves
+  deliveries (:class:`sqapi.core.contracts.Transport`: open, receive, settle, hand back, close);
+  one :class:`sqapi.core.consumer.Consumer` drives it -- worker threads, batches through the
+  processor's ``process_batch``, reconnecting with backoff, stopping gracefully -- the same for
+  every type;
+* a listener written for **sqAPI** -- ``Listener(config, process_message)`` with
+  ``start_listeners()`` (and, optionally, ``stop()`` and ``ping()``).  It runs its own loop and
+  calls ``process_message(raw, delivery) -> Outcome``, acting on the outcome (``ACK`` removes
+  the delivery, ``RETRY`` gives it again after ``outcome.delay`` seconds, ``DEAD_LETTER`` sets it
+  aside with ``outcome.reason``).  :class:`SqapiListener` adapts it; nothing else in sqapi looks
+  at what it has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
+from sqapi.core.consumer import RECONNECT_INITIAL, RECONNECT_MAX, Consumer, Inbox, ProcessBatch, Received
 from sqapi.core.outcome import Delivery, Outcome
 
 ProcessMessage = Callable[[bytes | str | Mapping[str, Any], Delivery], Outcome]
-ProcessBatch = Callable[[list[tuple[bytes | str | Mapping[str, Any], Delivery]]], list[Outcome]]
+
+__all__ = ["Inbox", "ProcessMessage", "Publisher", "Received", "SqapiListener", "Transport", "make_listener",
+           "publisher_for"]
 
 
-class BatchListener:
-    """Marks a listener class whose constructor takes ``process_batch`` (and ``workers``) besides
-    ``process_message``: ``Listener(config, process_message, workers=None, process_batch=None)``."""
+class Transport:
+    """Base of sqapi's listener types (see :class:`sqapi.core.contracts.Transport` for the contract);
+    the defaults suit a source that needs no connection."""
 
-    def __init__(self, config: dict[str, Any], process_message: ProcessMessage, workers: int | None = None,
-                 process_batch: ProcessBatch | None = None) -> None:
-        raise NotImplementedError  # the listener's own constructor takes these
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def open(self) -> None:
+        return None
+
+    def receive(self, inbox: Inbox, timeout: float) -> None:
+        raise NotImplementedError
+
+    def settle(self, received: Sequence[Received], outcomes: Sequence[Outcome | None]) -> None:
+        raise NotImplementedError
+
+    def hand_back(self, received: Sequence[Received]) -> None:
+        raise NotImplementedError
+
+    def stop_receiving(self) -> None:
+        return None
+
+    def interrupt(self) -> None:
+        return None
+
+    def drained(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+    def ping(self) -> None:
+        return None
+
+    @classmethod
+    def publisher(cls, config: dict[str, Any]) -> Publisher:
+        """What ``sqapi publish`` sends messages with; NotImplementedError for a type that cannot."""
+        raise NotImplementedError
+
+
+class Publisher(Protocol):
+    """Puts message bodies where a listener type receives them, each confirmed before ``publish`` returns."""
+
+    def open(self) -> None: ...
+
+    def publish(self, body: bytes, message_id: str | None = None, routing_key: str | None = None,
+                headers: dict[str, Any] | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqapiListener:
+    """A listener written for sqAPI (``Listener(config, process_message)``), as sqapi runs listeners."""
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+
+    @property
+    def consuming(self) -> bool:
+        return bool(getattr(self.listener, "consuming", True))
+
+    def start_listeners(self) -> None:
+        self.listener.start_listeners()
+
+    def stop(self) -> None:
+        stop = getattr(self.listener, "stop", None)
+        if callable(stop):
+            stop()
+
+    def ping(self) -> None:
+        ping = getattr(self.listener, "ping", None)
+        if callable(ping):
+            ping()
+
+    def close(self) -> None:
+        return None
+
+
+def publisher_for(listener_class: Any, config: dict[str, Any]) -> Publisher:
+    """The publisher of a listener type; NotImplementedError for one that has none (sqAPI's kind among them)."""
+    if isinstance(listener_class, type) and issubclass(listener_class, Transport):
+        return listener_class.publisher(config)
+    raise NotImplementedError
 
 
 def make_listener(listener_class: Any, config: dict[str, Any], process_message: ProcessMessage,
-                  process_batch: ProcessBatch) -> Any:
-    """An instance of a listener type: batches for a :class:`BatchListener`, sqAPI's two arguments otherwise."""
-    if isinstance(listener_class, type) and issubclass(listener_class, BatchListener):
-        return listener_class(config, process_message, process_batch=process_batch)
-    return listener_class(config, process_message)
+                  process_batch: ProcessBatch) -> Consumer | SqapiListener:
+    """What runs a listener type: a :class:`Consumer` over a :class:`Transport`; sqAPI's kind adapted.
+
+    ``config`` is the ``msg_broker`` section; its ``workers`` and ``batch_size`` size the consumer,
+    ``reconnect`` its pauses after the source is lost."""
+    if isinstance(listener_class, type) and issubclass(listener_class, Transport):
+        reconnect = config.get("reconnect") or {}
+        return Consumer(listener_class(config), process_batch, workers=int(config.get("workers") or 4),
+                        batch_size=int(config.get("batch_size") or 128),
+                        reconnect_initial=float(reconnect.get("initial_delay", RECONNECT_INITIAL)),
+                        reconnect_max=float(reconnect.get("max_delay", RECONNECT_MAX)))
+    return SqapiListener(listener_class(config, process_message))

@@ -16,7 +16,6 @@ lock is free belonged to a process that died, and its files go back to the spool
 
 from __future__ import annotations
 
-import concurrent.futures
 import fcntl
 import logging
 import os
@@ -24,12 +23,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from sqapi.connectors.listeners import ProcessMessage
+from sqapi.connectors.listeners import Inbox, Received, Transport
 from sqapi.core.message import MAX_BODY_BYTES
-from sqapi.core.outcome import Action, Delivery
+from sqapi.core.outcome import Action, Delivery, Outcome
 from sqapi.errors import ConfigError, ConnectorError
 
 log = logging.getLogger(__name__)
@@ -63,24 +63,23 @@ def validate_config(config: dict[str, Any]) -> None:
                               "set msg_broker.workers, e.g. 4")
 
 
-class Listener:
-    def __init__(self, config: dict[str, Any], process_message: ProcessMessage, workers: int | None = None) \
-            -> None:
-        self.config = config
-        self.process_message = process_message
+class Listener(Transport):
+    """The spool folder: files claimed by rename, settled by moving them on."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
         self.root = Path(str(config.get("directory") or ".sqapi/spool"))
         self.poll_interval = float(config.get("poll_interval", 0.5))
-        self.workers = int(workers or config.get("workers") or 4)
+        self.workers = int(config.get("workers") or 4)
         self.handback_delay = float(config.get("handback_delay", HANDBACK_DELAY))
         self.max_body_bytes = int(config.get("max_body_bytes") or MAX_BODY_BYTES)
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._stop = threading.Event()
-        self.consuming = False  # True while start_listeners scans the spool (sqapi loader's liveness)
-        self._wake = threading.Event()
+        self._receiving = True
+        self._wake = threading.Event()   # a delivery settled, or the consumer is stopping
         self._lock_handle: IO[str] | None = None
         self.claim_dir = self.root / PROCESSING / self.owner
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    # -- the transport ----------------------------------------------------------------------------
     def ping(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -89,55 +88,84 @@ class Listener:
         if not os.access(self.root, os.W_OK):
             raise ConnectorError(f"spool folder '{self.root}' is not writable")
 
-    def prepare(self) -> None:
+    def open(self) -> None:
         """Create the layout, take this loader's claim folder and recover files of dead loaders."""
+        if self._lock_handle is not None:
+            return
         self.ping()
-        for name in (PROCESSING, RETRY, DONE, FAILED):
-            (self.root / name).mkdir(parents=True, exist_ok=True)
-        # the claim folder becomes visible only with its lock already held, so that another loader's
-        # recovery never mistakes a starting loader for a dead one
-        staging = self.root / PROCESSING / f".new-{self.owner}"
-        staging.mkdir(parents=True, exist_ok=True)
-        self._lock_handle = open(staging / ".lock", "w")  # noqa: SIM115 -- held for the loader's life
-        fcntl.flock(self._lock_handle, fcntl.LOCK_EX)
-        os.rename(staging, self.claim_dir)
+        try:
+            for name in (PROCESSING, RETRY, DONE, FAILED):
+                (self.root / name).mkdir(parents=True, exist_ok=True)
+            # the claim folder becomes visible only with its lock already held, so that another loader's
+            # recovery never mistakes a starting loader for a dead one
+            staging = self.root / PROCESSING / f".new-{self.owner}"
+            staging.mkdir(parents=True, exist_ok=True)
+            self._lock_handle = open(staging / ".lock", "w")  # noqa: SIM115 -- held for the loader's life
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX)
+            os.rename(staging, self.claim_dir)
+        except OSError as exc:
+            raise ConnectorError(f"spool folder '{self.root}' cannot be set up: {exc.strerror or exc}") from None
         self.recover_orphans()
+        self._receiving = True
+        log.info("listening on spool %s", self.root)
 
-    def stop(self) -> None:
-        """Stop claiming; in-flight messages finish, claimed-but-unstarted ones go back to the spool."""
-        self._stop.set()
+    def receive(self, inbox: Inbox, timeout: float) -> None:
+        """Claim what waits or is due (no more than twice ``workers`` unsettled); else wait for a settled
+        one, the next scan (``poll_interval``) or a stop."""
+        room = self.workers * 2 - inbox.outstanding() if self._receiving else 0
+        try:
+            claimed = self.claim(room) if room > 0 else []
+        except OSError as exc:  # e.g. the spool's file system went away for a moment
+            log.error("cannot scan spool %s: %s", self.root, exc)
+            claimed = []
+        for path in claimed:
+            attempt, name = self._split(path.name)
+            try:
+                with open(path, "rb") as handle:  # no more than the parser takes: a larger file is refused unread
+                    raw = handle.read(self.max_body_bytes + 1)
+            except OSError as exc:
+                log.error("cannot read spool file %s: %s", path, exc)
+                self._hand_back(path)
+                continue
+            inbox.put(Received(raw, Delivery(id=f"{self.root.name}/{name}", attempt=attempt), path))
+        if not claimed:
+            self._wake.wait(min(timeout, self.poll_interval))
+            self._wake.clear()
+
+    def settle(self, received: Sequence[Received], outcomes: Sequence[Outcome | None]) -> None:
+        for item, outcome in zip(received, outcomes, strict=True):
+            try:
+                if outcome is None:
+                    raise RuntimeError("the processor failed")
+                self._settle_one(item.handle, outcome)
+            except Exception:  # hand the file back to retry/ (as the next attempt, after a short delay)
+                log.exception("could not finish spool file %s: trying it again in %gs", item.handle,
+                              self.handback_delay)
+                self._hand_back(item.handle)
         self._wake.set()
 
-    def start_listeners(self, until_idle: bool = False) -> None:
-        """Consume until :meth:`stop` (or, with ``until_idle``, until nothing is waiting or due)."""
-        self.prepare()
-        log.info("listening on spool %s with %d workers", self.root, self.workers)
-        pending: dict[concurrent.futures.Future[None], Path] = {}
-        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="sqapi-spool") as pool:
-            self.consuming = True
+    def hand_back(self, received: Sequence[Received]) -> None:
+        """Claimed files no worker started go back where they were taken from, unchanged."""
+        for item in received:
             try:
-                while not self._stop.is_set():
-                    pending = {f: p for f, p in pending.items() if not f.done()}
-                    room = self.workers * 2 - len(pending)
-                    try:
-                        claimed = self.claim(room) if room > 0 else []
-                    except OSError as exc:  # e.g. the spool's file system went away for a moment
-                        log.error("cannot scan spool %s: %s", self.root, exc)
-                        claimed = []
-                    for path in claimed:
-                        future = pool.submit(self._handle, path)
-                        future.add_done_callback(lambda _f: self._wake.set())
-                        pending[future] = path
-                    if not claimed:
-                        if until_idle and not pending and not self._has_retry_waiting():
-                            break
-                        self._wake.wait(self.poll_interval)
-                        self._wake.clear()
-            finally:
-                self.consuming = False
-                for future, path in pending.items():
-                    if future.cancel():
-                        self._move(path, self.root / path.name)
+                self._unclaim(item.handle)
+            except OSError as exc:  # it stays claimed and is recovered at the next start
+                log.error("could not hand spool file %s back: %s", item.handle, exc)
+
+    def stop_receiving(self) -> None:
+        self._receiving = False
+
+    def interrupt(self) -> None:
+        self._wake.set()
+
+    @classmethod
+    def publisher(cls, config: dict[str, Any]) -> SpoolPublisher:
+        return SpoolPublisher(config)
+
+    def drained(self) -> bool:
+        return not self._waiting() and not self._has_retry_waiting()
+
+    def close(self) -> None:
         self._release()
 
     # -- claiming -----------------------------------------------------------------------------
@@ -203,9 +231,7 @@ class Listener:
                 for path in folder.iterdir():
                     if path.name == ".lock":
                         continue
-                    destination = self.root / RETRY / path.name if RETRY_SEPARATOR in path.name \
-                        else self.root / path.name
-                    self._move(path, destination)
+                    self._unclaim(path)
                     recovered += 1
                 os.unlink(folder / ".lock")
             try:
@@ -217,12 +243,9 @@ class Listener:
         return recovered
 
     # -- one file -----------------------------------------------------------------------------
-    def _handle(self, path: Path) -> None:
-        try:
-            self._handle_one(path)
-        except Exception:  # hand the file back to retry/ (as the next attempt, after a short delay); keep consuming
-            log.exception("could not finish spool file %s: trying it again in %gs", path, self.handback_delay)
-            self._hand_back(path)
+    def _unclaim(self, path: Path) -> None:
+        """A claimed file back where it was taken from: the spool, or ``retry/`` with its attempt and due time."""
+        self._move(path, self.root / RETRY / path.name if RETRY_SEPARATOR in path.name else self.root / path.name)
 
     def _hand_back(self, path: Path) -> None:
         """Move a claimed file whose handling raised to ``retry/``, due after ``handback_delay``."""
@@ -236,14 +259,8 @@ class Listener:
         except OSError as exc:  # it stays claimed and is recovered at the next start
             log.error("could not hand spool file %s back to %s: %s", path, RETRY, exc)
 
-    def _handle_one(self, path: Path) -> None:
+    def _settle_one(self, path: Path, outcome: Outcome) -> None:
         attempt, name = self._split(path.name)
-        try:
-            with open(path, "rb") as handle:  # no more than the parser takes: a larger file is refused unread
-                raw = handle.read(self.max_body_bytes + 1)
-        except FileNotFoundError:
-            return
-        outcome = self.process_message(raw, Delivery(id=f"{self.root.name}/{name}", attempt=attempt))
         if outcome.action is Action.ACK:
             self._move(path, self.root / DONE / name)
         elif outcome.action is Action.RETRY:
@@ -285,3 +302,35 @@ class Listener:
             except OSError:
                 pass
             self._lock_handle = None
+
+
+class SpoolPublisher:
+    """``sqapi publish`` to a spool folder: each body written (and synced) under a hidden name, then renamed
+    in as ``<uuid>-<random>.json`` -- a loader never reads a half-written file."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.root = Path(str(config.get("directory") or ".sqapi/spool"))
+
+    def open(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConnectorError(f"spool folder '{self.root}' cannot be created: {exc.strerror}") from None
+
+    def publish(self, body: bytes, message_id: str | None = None, routing_key: str | None = None,
+                headers: dict[str, Any] | None = None) -> None:
+        stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in (message_id or "message"))[:100]
+        name = f"{stem.lstrip('.') or 'message'}-{uuid.uuid4().hex[:8]}.json"
+        hidden = self.root / f".{name}.tmp"
+        try:
+            with open(hidden, "wb") as handle:
+                handle.write(body)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(hidden, self.root / name)
+        except OSError as exc:
+            hidden.unlink(missing_ok=True)
+            raise ConnectorError(f"cannot write to spool folder '{self.root}': {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        return None

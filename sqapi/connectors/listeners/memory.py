@@ -1,33 +1,32 @@
 """``msg_broker: {type: memory}`` -- an in-memory listener for tests, with a ``join()``.
 
-Like Dramatiq's stub broker: messages are put in with :meth:`Listener.publish`, the listener
-hands them to the processor in batches (as the RabbitMQ listener does), and :meth:`Listener.join`
-returns once every message published so far has settled -- acknowledged, dead-lettered, or
-given up on after its retries -- so a test waits for exactly that instead of polling with
-sleeps.  Retries wait their ``outcome.delay`` (``msg_broker.retry``: keep delays small in
-tests); dead letters are kept in :attr:`Listener.dead` with their reason.  Nothing is kept
-across processes: not for production.
+Like Dramatiq's stub broker: messages are put in with :meth:`Listener.publish`, the consumer
+takes them in batches (as it does from RabbitMQ), and :meth:`Listener.join` returns once every
+message published so far has settled -- acknowledged, dead-lettered, or given up on after its
+retries -- so a test waits for exactly that instead of polling with sleeps.  Retries wait their
+``outcome.delay`` (``msg_broker.retry``: keep delays small in tests); dead letters are kept in
+:attr:`Listener.dead` with their reason.  Nothing is kept across processes: not for production.
 
     app = make_app({"msg_broker": {"type": "memory"}})
-    with app.create_listener().running() as listener:
-        listener.publish({"uuid_ref": "a", "data_location": "a.txt"})
-        listener.join()
-    assert listener.acked == ["a"]
+    with app.create_listener().running() as consumer:
+        broker = consumer.transport
+        broker.publish({"uuid_ref": "a", "data_location": "a.txt"})
+        broker.join()
+    assert broker.acked == ["a"]
 """
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqapi.connectors.listeners import BatchListener, ProcessBatch, ProcessMessage
+from sqapi.connectors.listeners import Inbox, Received, Transport
 from sqapi.core.outcome import Action, Delivery, Outcome
 
 
@@ -47,23 +46,20 @@ class DeadLetter:
     attempts: int
 
 
-class Listener(BatchListener):
-    """Hands published messages to the processor until :meth:`stop`; :meth:`join` waits until they settle."""
+class Listener(Transport):
+    """Published messages, handed to the consumer until it stops; :meth:`join` waits until they settle."""
 
-    def __init__(self, config: dict[str, Any], process_message: ProcessMessage, workers: int | None = None,
-                 process_batch: ProcessBatch | None = None) -> None:
-        self.process_message = process_message
-        self.process_batch = process_batch
-        self.batch_size = max(1, int(config.get("batch_size") or 128))
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
         self.acked: list[str | None] = []          # uuids acknowledged, in order
         self.dead: list[DeadLetter] = []
         self.outcomes: list[Outcome] = []
-        self.consuming = False
         self._due: list[_Due] = []                 # a heap: ready now, or waiting out a retry delay
         self._seq = itertools.count()
         self._unsettled = 0
         self._cond = threading.Condition()
-        self._stop = False
+        self._receiving = True
+        self._interrupted = False
 
     # -- for the test -------------------------------------------------------------------------
     def publish(self, body: bytes | str | Mapping[str, Any]) -> None:
@@ -90,58 +86,47 @@ class Listener(BatchListener):
                     raise TimeoutError(what())
                 self._cond.wait(left)
 
-    @contextlib.contextmanager
-    def running(self) -> Iterator[Listener]:
-        """:meth:`start_listeners` in a thread for the block; stopped (and joined) at its end."""
-        thread = threading.Thread(target=self.start_listeners, name="sqapi-memory-listener", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self.stop()
-            thread.join(30)
-
-    # -- the listener contract -----------------------------------------------------------------
-    def start_listeners(self) -> None:
-        self.consuming = True
-        try:
-            while True:
-                batch = self._take()
-                if batch is None:
-                    return
-                items: list[tuple[bytes | str | Mapping[str, Any], Delivery]] = [
-                    (due.body, Delivery(id=f"memory#{due.seq}", attempt=due.attempt)) for due in batch]
-                if self.process_batch is not None:
-                    outcomes = list(self.process_batch(items))
-                else:
-                    outcomes = [self.process_message(raw, delivery) for raw, delivery in items]
-                for due, outcome in zip(batch, outcomes, strict=True):
-                    self._settle(due, outcome)
-        finally:
-            self.consuming = False
-
-    def stop(self) -> None:
+    # -- the transport ---------------------------------------------------------------------------
+    def receive(self, inbox: Inbox, timeout: float) -> None:
         with self._cond:
-            self._stop = True
+            now = time.monotonic()
+            ready: list[_Due] = []
+            while self._receiving and self._due and self._due[0].at <= now:
+                ready.append(heapq.heappop(self._due))
+            if not ready and not self._interrupted:
+                wait = timeout if not (self._receiving and self._due) else min(timeout, self._due[0].at - now)
+                self._cond.wait(max(0.0, wait))
+            self._interrupted = False
+        for due in ready:
+            inbox.put(Received(due.body, Delivery(id=f"memory#{due.seq}", attempt=due.attempt), due))
+
+    def settle(self, received: Sequence[Received], outcomes: Sequence[Outcome | None]) -> None:
+        for item, outcome in zip(received, outcomes, strict=True):
+            if outcome is None:
+                self.hand_back([item])
+            else:
+                self._settle(item.handle, outcome)
+
+    def hand_back(self, received: Sequence[Received]) -> None:
+        with self._cond:
+            for item in received:
+                heapq.heappush(self._due, item.handle)
             self._cond.notify_all()
 
-    def ping(self) -> None:
-        return None
+    def stop_receiving(self) -> None:
+        with self._cond:
+            self._receiving = False
+
+    def interrupt(self) -> None:
+        with self._cond:
+            self._interrupted = True
+            self._cond.notify_all()
+
+    def drained(self) -> bool:
+        with self._cond:
+            return not self._unsettled
 
     # -- inside --------------------------------------------------------------------------------
-    def _take(self) -> list[_Due] | None:
-        with self._cond:
-            while True:
-                if self._stop:
-                    return None
-                now = time.monotonic()
-                if self._due and self._due[0].at <= now:
-                    batch: list[_Due] = []
-                    while self._due and self._due[0].at <= now and len(batch) < self.batch_size:
-                        batch.append(heapq.heappop(self._due))
-                    return batch
-                self._cond.wait(self._due[0].at - now if self._due else None)
-
     def _settle(self, due: _Due, outcome: Outcome) -> None:
         with self._cond:
             self.outcomes.append(outcome)
