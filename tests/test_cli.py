@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -296,3 +298,27 @@ def test_init_writes_a_production_config_that_loads_and_a_plugins_folder(tmp_pat
     assert written.read_text() == "# mine\n"  # never overwritten without --force
     assert sqapi("init", "deploy", "--force", cwd=tmp_path).returncode == 0
     assert written.read_text().startswith("# Written by `sqapi init`")
+
+
+def test_publish_writes_to_the_spool_folder_and_a_loader_processes_it(
+        write_config: Callable[..., Path], make_app: Callable[..., Any], workdir: Path) -> None:
+    """The embedded default's listener can be published to, as RabbitMQ can: whole files, renamed in."""
+    from click.testing import CliRunner
+
+    from sqapi.cli import main
+
+    (workdir / "data").mkdir(exist_ok=True)
+    (workdir / "data" / "a.txt").write_text("hello")
+    broker = {"type": "directory", "directory": str(workdir / "spool"), "poll_interval": 0.05}
+    config = write_config({"msg_broker": broker})
+    published = CliRunner().invoke(main, ["publish", "-c", str(config), "--uuid", "../odd uuid",
+                                          "--data-location", "a.txt"], catch_exceptions=False)
+    assert published.exit_code == 0, published.output
+    assert published.output.strip() == "../odd uuid"
+    [written] = list((workdir / "spool").glob("*.json"))
+    assert written.name.startswith("_odd_uuid-")  # in the spool folder, never a path out of it
+    assert json.loads(written.read_text())["uuid_ref"] == "../odd uuid"
+    assert not list((workdir / "spool").glob(".*"))  # no half-written file left behind
+    app = make_app({"msg_broker": broker})
+    app.create_listener().start_listeners(until_idle=True)
+    assert app.database.get_message("../odd uuid")["status"] == "DONE"
