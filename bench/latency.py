@@ -157,6 +157,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="most seconds one message may take")
     parser.add_argument("--database-url", default=os.environ.get("SQAPI_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL))
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum",
+                        help="the queue both consumers take from (default quorum, sqapi's default; a quorum "
+                             "queue delivers a message once it is replicated and on disk)")
     args = parser.parse_args()
 
     vhost = f"sqapi-latency-{uuid.uuid4().hex[:8]}"
@@ -177,7 +180,8 @@ def main() -> None:
     with pika.BlockingConnection(params(vhost)) as connection:
         channel = connection.channel()
         channel.exchange_declare("bench", exchange_type="direct", durable=True)
-        channel.queue_declare("plain", durable=True)
+        channel.queue_declare("plain", durable=True,  # the same kind of queue as sqapi's: a fair comparison
+                              arguments={"x-queue-type": "quorum"} if args.queue_type == "quorum" else {})
         channel.queue_bind("plain", "bench", routing_key="plain")
     listener = listen(args.database_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQAPI_") and k != "CFG_FILE"}
@@ -195,7 +199,8 @@ def main() -> None:
 
         config = {
             "msg_broker": {"type": "rabbitmq", "host": HOST, "port": PORT, "vhost": vhost, "exchange_name": "bench",
-                           "exchange_type": "direct", "routing_key": "sqapi", "queue_name": "sqapi"},
+                           "exchange_type": "direct", "routing_key": "sqapi", "queue_name": "sqapi",
+                           "quorum": args.queue_type == "quorum"},
             "data_store": {"type": "disk", "base_dir": str(root / "data")},
             "database": {"type": "postgres", "url": args.database_url, "schema": schema},
             "active_plugins": ["noop"],
@@ -228,7 +233,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    print(f"unloaded latency, publish to DONE (ms), {args.n} messages one at a time, after {args.warmup} not counted")
+    print(f"unloaded latency, publish to DONE (ms), {args.n} messages one at a time, after {args.warmup} not counted, "
+          f"both from a {args.queue_type} queue")
     print(f"{'':42} {'p50':>7} {'p90':>7} {'p99':>7} {'mean':>7}")
     for name, figures in results.items():
         print(f"{name:42} " + " ".join(f"{figures[k]:7.2f}" for k in ("p50", "p90", "p99", "mean")))

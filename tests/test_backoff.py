@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from sqapi.backoff import exponential
-from sqapi.connectors.listeners.rabbitmq import backoff
 from sqapi.core.outcome import RetryPolicy
 
 
@@ -24,4 +23,3 @@ def test_any_attempt_number_gives_the_cap_instead_of_overflowing(attempt: int) -
 def test_jitter_stays_between_half_and_all_of_the_delay() -> None:
     delays = [exponential(4, 1.0, 60.0, jitter=True) for _ in range(200)]
     assert all(4.0 <= d <= 8.0 for d in delays) and len(set(delays)) > 100
-    assert all(0.25 <= backoff(2, 0.5, 30.0) <= 1.0 for _ in range(50))  # RabbitMQ reconnects use it

@@ -101,6 +101,7 @@ class _Session:
         self.results: queue.SimpleQueue[_Settled] = queue.SimpleQueue()
         self.delay_queues: set[int] = set()
         self.inbox: Inbox | None = None      # where deliveries go: the consumer's, set by receive
+        self.early: list[Received] = []      # delivered before the first receive (while opening)
         self.cancelled_by_broker = False
         self.set_aside_failures = 0  # in a row: the pause before requeueing a message that could not be set aside
         self.stalled = False  # the broker did not answer in time: the connection is abandoned, not closed
@@ -140,8 +141,11 @@ class _Session:
         self.unacked[tag] = False
         delivery = Delivery(id=f"{self.settings.queue_name}#{properties.message_id or tag}",
                             attempt=attempt_of(properties))
-        assert self.inbox is not None
-        self.inbox.put(Received(body, delivery, _Tag(self, tag, properties)))
+        received = Received(body, delivery, _Tag(self, tag, properties))
+        if self.inbox is None:
+            self.early.append(received)
+        else:
+            self.inbox.put(received)
 
     def requeue(self, tags: Sequence[int]) -> None:
         """Deliveries no worker started go back to the queue (none, once the channel is gone: the broker has)."""
@@ -306,7 +310,11 @@ class Listener(Transport):
 
     def receive(self, inbox: Inbox, timeout: float) -> None:
         session = self.session
-        session.inbox = inbox
+        if session.inbox is None:
+            session.inbox = inbox
+            for received in session.early:
+                inbox.put(received)
+            session.early.clear()
         try:
             session.connection.process_data_events(time_limit=timeout)
         except BrokerStalled:
