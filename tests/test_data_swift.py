@@ -1,4 +1,7 @@
-"""The Swift data store against a real single-node OpenStack Swift on 127.0.0.1.
+"""What only the Swift data store does, against a real single-node OpenStack Swift on 127.0.0.1.
+
+What every data store does (bytes, streaming, missing objects, escapes, outages, upload) is tested
+once for all types in tests/contracts/test_data_store_contract.py.
 
 The session fixture ``swift_auth_url`` (tests/services.py) runs ``scripts/swift_dev.sh start``
 (installs and starts Swift when it is not running yet; a no-op when it is).  If that fails the
@@ -149,16 +152,6 @@ def test_an_object_is_streamed_to_a_temp_file_with_identical_bytes(
         os.unlink(path)
 
 
-def test_each_download_gets_a_new_temp_file(
-        swift_admin: swift_client.Connection, container: str, config: dict[str, Any]) -> None:
-    swift_admin.put_object(container, "a.txt", b"hello")
-    with swift.connect({**config, "containers": [container]}) as store:
-        first = store.download_to_disk("a.txt")
-        second = store.download_to_disk("a.txt")
-    assert first != second
-    assert Path(first).read_bytes() == Path(second).read_bytes() == b"hello"
-
-
 def test_an_object_is_found_in_the_second_of_the_listed_containers(
         swift_admin: swift_client.Connection, swift_containers: Callable[[], str], config: dict[str, Any]) -> None:
     first, second = swift_containers(), swift_containers()
@@ -197,31 +190,9 @@ def test_with_no_containers_listed_all_containers_are_searched(
                 os.unlink(path)
 
 
-def test_a_missing_object_raises_lookup_error(container: str, config: dict[str, Any]) -> None:
-    with swift.connect({**config, "containers": [container]}) as store:
-        with pytest.raises(LookupError) as caught:
-            store.download_to_disk("no-such-object.txt")
-    assert isinstance(caught.value, NotFound)
-    assert "no-such-object.txt" in str(caught.value)
-    assert list(Path(config["temp_dir"]).iterdir()) == []
-
-
 def test_a_missing_container_counts_as_a_missing_object(config: dict[str, Any]) -> None:
     with pytest.raises(NotFound):
         swift.download_to_disk({**config, "containers": [f"sqapi-absent-{uuid.uuid4().hex}"]}, "x.txt")
-
-
-def test_an_object_that_appears_only_after_the_first_attempt_is_found_on_the_second_call(
-        swift_admin: swift_client.Connection, container: str, config: dict[str, Any]) -> None:
-    with swift.connect({**config, "containers": [container]}) as store:
-        with pytest.raises(LookupError):
-            store.download_to_disk("late.txt")
-        swift_admin.put_object(container, "late.txt", b"arrived late")
-        path = store.download_to_disk("late.txt")
-    try:
-        assert Path(path).read_bytes() == b"arrived late"
-    finally:
-        os.unlink(path)
 
 
 def test_a_wrong_key_raises_connector_error_whose_message_does_not_contain_the_key(

@@ -89,7 +89,8 @@ def test_json_that_is_not_an_object_is_a_permanent_error(
     reference = meta_backend.put("odd.json", stored)
     with pytest.raises(PermanentError) as refused:
         meta_app(meta_backend.section()).meta_store.fetch(reference)
-    assert "odd.json" in str(refused.value) and not is_retryable(refused.value)
+    assert "odd.json" in str(refused.value) and "not an object" in str(refused.value)
+    assert not is_retryable(refused.value)
 
 
 @pytest.mark.parametrize("stored", ["{", "not json at all", ""])
@@ -98,7 +99,8 @@ def test_text_that_is_not_json_is_a_permanent_error(
     reference = meta_backend.put("broken.json", stored)
     with pytest.raises(PermanentError) as refused:
         meta_app(meta_backend.section()).meta_store.fetch(reference)
-    assert "broken.json" in str(refused.value) and not is_retryable(refused.value)
+    assert "broken.json" in str(refused.value) and "not valid JSON" in str(refused.value)
+    assert not is_retryable(refused.value)
 
 
 def test_a_message_whose_metadata_is_not_an_object_fails_at_once(
