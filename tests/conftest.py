@@ -19,7 +19,18 @@ import yaml
 
 from sqapi.app import Sqapi, build
 from sqapi.config import Config, load_config
-from tests.services import pg_schema, pg_section, postgres_server  # noqa: F401 (fixtures, used by name)
+from tests.services import (  # noqa: F401 (fixtures, used by name)
+    pg_schema,
+    pg_section,
+    postgres_server,
+    redis_client,
+    redis_prefix,
+    redis_section,
+    redis_server,
+    swift_admin,
+    swift_auth_url,
+    swift_containers,
+)
 
 SQAPI_ENV = ("CFG_FILE", "PLUGIN", "SQAPI_PLUGIN_DIRS", "SQAPI_DATA_DIR", "SQAPI_SPOOL_DIR", "SQAPI_DB",
              "SQAPI_API_TOKEN", "SQAPI_EMBEDDED_DIR", "SQAPI_DB_SCHEMA", "SQAPI_PDF_MAX_MEMORY")

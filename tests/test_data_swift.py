@@ -1,8 +1,12 @@
-"""The Swift data store against a real single-node OpenStack Swift on 127.0.0.1.
+"""What only the Swift data store does, against a real single-node OpenStack Swift on 127.0.0.1.
 
-The session fixture runs ``scripts/swift_dev.sh start`` (installs and starts Swift when it is
-not running yet; a no-op when it is).  If that fails the tests FAIL -- they are never skipped.
-Each test works in fresh containers with random names, removed afterwards.
+What every data store does (bytes, streaming, missing objects, escapes, outages, upload) is tested
+once for all types in tests/contracts/test_data_store_contract.py.
+
+The session fixture ``swift_auth_url`` (tests/services.py) runs ``scripts/swift_dev.sh start``
+(installs and starts Swift when it is not running yet; a no-op when it is).  If that fails the
+tests FAIL -- they are never skipped.  Each test works in fresh containers with random names,
+removed afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 import traceback
 import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,68 +29,20 @@ from swiftclient import client as swift_client
 
 from sqapi.connectors.data import swift
 from sqapi.errors import AccessDenied, ConfigError, ConnectorError, NotFound
+from tests.services import SWIFT_KEY, SWIFT_PROXY_PORT, SWIFT_SCRIPT, SWIFT_USER
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "swift_dev.sh"
-PROXY_PORT = int(os.environ.get("SQAPI_SWIFT_PROXY_PORT", "8080"))
-AUTH_URL = f"http://127.0.0.1:{PROXY_PORT}/auth/v1.0"
-USER = "test:tester"
-KEY = "testing"
+PROXY_PORT = SWIFT_PROXY_PORT
+USER = SWIFT_USER
+KEY = SWIFT_KEY
+SCRIPT = SWIFT_SCRIPT
 MiB = 1024 * 1024
 
 
 # -- fixtures ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def swift_auth_url() -> str:
-    """A running Swift: starts it with scripts/swift_dev.sh when needed; fails loudly if it cannot."""
-    command = ["bash", str(SCRIPT), "start"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"`bash scripts/swift_dev.sh start` did not finish in {exc.timeout}s; run it by hand "
-                    f"to see why: cd {REPO} && bash scripts/swift_dev.sh start", pytrace=False)
-    if done.returncode != 0:
-        pytest.fail(f"could not start Swift (exit {done.returncode}). Run it by hand: "
-                    f"cd {REPO} && bash scripts/swift_dev.sh start\n--- stdout ---\n{done.stdout}"
-                    f"\n--- stderr ---\n{done.stderr}", pytrace=False)
-    return AUTH_URL
-
-
 @pytest.fixture
-def admin(swift_auth_url: str) -> Iterator[swift_client.Connection]:
-    """A plain swiftclient connection for setting up objects (not the code under test)."""
-    conn = swift_client.Connection(authurl=swift_auth_url, user=USER, key=KEY, retries=2)
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def make_container(admin: swift_client.Connection) -> Iterator[Callable[[], str]]:
-    """Creates fresh, randomly named containers and deletes them (and their objects) afterwards."""
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"sqapi-test-{uuid.uuid4().hex[:12]}"
-        admin.put_container(name)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        try:
-            _, objects = admin.get_container(name, full_listing=True)
-            for obj in objects:
-                admin.delete_object(name, obj["name"])
-            admin.delete_container(name)
-        except swift_client.ClientException as exc:
-            if exc.http_status != 404:
-                raise
-
-
-@pytest.fixture
-def container(make_container: Callable[[], str]) -> str:
-    return make_container()
+def container(swift_containers: Callable[[], str]) -> str:
+    return swift_containers()
 
 
 @pytest.fixture
@@ -174,9 +130,9 @@ def test_the_dev_script_reports_swift_up_when_it_is_running(swift_auth_url: str)
 
 
 def test_an_object_is_streamed_to_a_temp_file_with_identical_bytes(
-        admin: swift_client.Connection, container: str, config: dict[str, Any]) -> None:
+        swift_admin: swift_client.Connection, container: str, config: dict[str, Any]) -> None:
     payload = os.urandom(4 * MiB + 17)
-    admin.put_object(container, "dir/big.bin", payload)
+    swift_admin.put_object(container, "dir/big.bin", payload)
     store = swift.connect({**config, "containers": [container]})
     try:
         tracemalloc.start()
@@ -196,20 +152,10 @@ def test_an_object_is_streamed_to_a_temp_file_with_identical_bytes(
         os.unlink(path)
 
 
-def test_each_download_gets_a_new_temp_file(
-        admin: swift_client.Connection, container: str, config: dict[str, Any]) -> None:
-    admin.put_object(container, "a.txt", b"hello")
-    with swift.connect({**config, "containers": [container]}) as store:
-        first = store.download_to_disk("a.txt")
-        second = store.download_to_disk("a.txt")
-    assert first != second
-    assert Path(first).read_bytes() == Path(second).read_bytes() == b"hello"
-
-
 def test_an_object_is_found_in_the_second_of_the_listed_containers(
-        admin: swift_client.Connection, make_container: Callable[[], str], config: dict[str, Any]) -> None:
-    first, second = make_container(), make_container()
-    admin.put_object(second, "only-here.txt", b"second container")
+        swift_admin: swift_client.Connection, swift_containers: Callable[[], str], config: dict[str, Any]) -> None:
+    first, second = swift_containers(), swift_containers()
+    swift_admin.put_object(second, "only-here.txt", b"second container")
     path = swift.download_to_disk({**config, "containers": [first, second]}, "only-here.txt")
     try:
         assert Path(path).read_bytes() == b"second container"
@@ -218,10 +164,10 @@ def test_an_object_is_found_in_the_second_of_the_listed_containers(
 
 
 def test_a_container_prefix_names_the_container_to_look_in(
-        admin: swift_client.Connection, make_container: Callable[[], str], config: dict[str, Any]) -> None:
-    first, second = make_container(), make_container()
-    admin.put_object(first, "same.txt", b"first")
-    admin.put_object(second, "same.txt", b"second")
+        swift_admin: swift_client.Connection, swift_containers: Callable[[], str], config: dict[str, Any]) -> None:
+    first, second = swift_containers(), swift_containers()
+    swift_admin.put_object(first, "same.txt", b"first")
+    swift_admin.put_object(second, "same.txt", b"second")
     path = swift.download_to_disk({**config, "containers": [first, second]}, f"{second}/same.txt")
     try:
         assert Path(path).read_bytes() == b"second"
@@ -230,11 +176,11 @@ def test_a_container_prefix_names_the_container_to_look_in(
 
 
 def test_with_no_containers_listed_all_containers_are_searched(
-        admin: swift_client.Connection, make_container: Callable[[], str], config: dict[str, Any]) -> None:
-    make_container()
-    holder = make_container()
+        swift_admin: swift_client.Connection, swift_containers: Callable[[], str], config: dict[str, Any]) -> None:
+    swift_containers()
+    holder = swift_containers()
     name = f"anywhere-{uuid.uuid4().hex}.txt"
-    admin.put_object(holder, name, b"found by listing")
+    swift_admin.put_object(holder, name, b"found by listing")
     for section in ({**config}, {**config, "containers": []}):
         for ref in (name, f"{holder}/{name}"):
             path = swift.download_to_disk(section, ref)
@@ -244,31 +190,9 @@ def test_with_no_containers_listed_all_containers_are_searched(
                 os.unlink(path)
 
 
-def test_a_missing_object_raises_lookup_error(container: str, config: dict[str, Any]) -> None:
-    with swift.connect({**config, "containers": [container]}) as store:
-        with pytest.raises(LookupError) as caught:
-            store.download_to_disk("no-such-object.txt")
-    assert isinstance(caught.value, NotFound)
-    assert "no-such-object.txt" in str(caught.value)
-    assert list(Path(config["temp_dir"]).iterdir()) == []
-
-
 def test_a_missing_container_counts_as_a_missing_object(config: dict[str, Any]) -> None:
     with pytest.raises(NotFound):
         swift.download_to_disk({**config, "containers": [f"sqapi-absent-{uuid.uuid4().hex}"]}, "x.txt")
-
-
-def test_an_object_that_appears_only_after_the_first_attempt_is_found_on_the_second_call(
-        admin: swift_client.Connection, container: str, config: dict[str, Any]) -> None:
-    with swift.connect({**config, "containers": [container]}) as store:
-        with pytest.raises(LookupError):
-            store.download_to_disk("late.txt")
-        admin.put_object(container, "late.txt", b"arrived late")
-        path = store.download_to_disk("late.txt")
-    try:
-        assert Path(path).read_bytes() == b"arrived late"
-    finally:
-        os.unlink(path)
 
 
 def test_a_wrong_key_raises_connector_error_whose_message_does_not_contain_the_key(
@@ -288,7 +212,7 @@ def test_a_wrong_key_raises_connector_error_whose_message_does_not_contain_the_k
 
 
 def test_no_token_appears_in_log_lines(
-        admin: swift_client.Connection, container: str, config: dict[str, Any],
+        swift_admin: swift_client.Connection, container: str, config: dict[str, Any],
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     store = swift.connect({**config, "containers": [container]})
@@ -318,8 +242,8 @@ def test_ping_fails_against_a_dead_port(config: dict[str, Any]) -> None:
 
 
 def test_partial_temp_files_are_not_left_behind_on_failure(
-        admin: swift_client.Connection, container: str, config: dict[str, Any]) -> None:
-    admin.put_object(container, "big.bin", os.urandom(4 * MiB))
+        swift_admin: swift_client.Connection, container: str, config: dict[str, Any]) -> None:
+    swift_admin.put_object(container, "big.bin", os.urandom(4 * MiB))
     proxy = CuttingProxy(PROXY_PORT, cut_after=512 * 1024)
     try:
         section = {**config, "auth_url": f"http://127.0.0.1:{proxy.port}/auth/v1.0", "containers": [container]}
@@ -333,8 +257,8 @@ def test_partial_temp_files_are_not_left_behind_on_failure(
 
 
 def test_an_unwritable_temp_dir_raises_connector_error_and_leaves_nothing(
-        admin: swift_client.Connection, container: str, config: dict[str, Any], tmp_path: Path) -> None:
-    admin.put_object(container, "a.txt", b"data")
+        swift_admin: swift_client.Connection, container: str, config: dict[str, Any], tmp_path: Path) -> None:
+    swift_admin.put_object(container, "a.txt", b"data")
     missing_dir = tmp_path / "does-not-exist"
     with pytest.raises(ConnectorError):
         swift.download_to_disk({**config, "containers": [container], "temp_dir": str(missing_dir)}, "a.txt")
@@ -354,13 +278,13 @@ def test_a_wrong_section_raises_config_error_before_any_io() -> None:
 
 
 def test_an_uploaded_file_can_be_downloaded_again_by_the_reference_upload_returns(
-        container: str, config: dict[str, Any], admin: swift_client.Connection, tmp_path: Path) -> None:
+        container: str, config: dict[str, Any], swift_admin: swift_client.Connection, tmp_path: Path) -> None:
     source = tmp_path / "upload.bin"
     source.write_bytes(os.urandom(300_000))
     config = {**config, "containers": [container]}
     ref = swift.upload(config, str(source), "reports/upload.bin")
     assert ref == f"{container}/reports/upload.bin"
-    assert admin.head_object(container, "reports/upload.bin")["content-length"] == "300000"
+    assert swift_admin.head_object(container, "reports/upload.bin")["content-length"] == "300000"
     path = swift.download_to_disk(config, ref)
     try:
         assert Path(path).read_bytes() == source.read_bytes()

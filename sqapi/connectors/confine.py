@@ -6,7 +6,7 @@ import functools
 import os
 import stat
 
-from sqapi.errors import AccessDenied, NotFound
+from sqapi.errors import AccessDenied, ConnectorError, NotFound
 
 
 @functools.lru_cache(maxsize=64)
@@ -41,12 +41,14 @@ def resolve_inside(base_dir: str | None, reference: str, what: str = "data_locat
 
     ``..`` segments, absolute paths and symlinks are all judged by where they finally lead:
     the resolved path must lie inside the resolved ``base_dir``.  Without a ``base_dir`` any
-    path is accepted.  Raises :class:`AccessDenied` (permanent) or :class:`NotFound` (retryable).
+    path is accepted.  Raises :class:`AccessDenied` (permanent), :class:`NotFound` (retryable) or,
+    when ``base_dir`` itself is gone (a volume not mounted), :class:`ConnectorError` (retryable).
     """
     if not reference or "\x00" in reference:
         raise AccessDenied(f"{what} is empty or contains a NUL byte")
     if reference.startswith("file://"):
         reference = reference[len("file://"):]
+    topic = "meta_store" if what == "meta_location" else "data_store"
     if base_dir:
         base = _real_base(str(base_dir))
         plain = _plain_path_inside(base, reference)
@@ -54,7 +56,6 @@ def resolve_inside(base_dir: str | None, reference: str, what: str = "data_locat
             return plain
         real = os.path.realpath(reference if os.path.isabs(reference) else os.path.join(base, reference))
         if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
-            topic = "meta_store" if what == "meta_location" else "data_store"
             raise AccessDenied(f"{what} '{reference}' is outside base_dir "
                                f"(set {topic}.base_dir or $SQAPI_DATA_DIR to a folder that holds it)")
     else:
@@ -62,6 +63,9 @@ def resolve_inside(base_dir: str | None, reference: str, what: str = "data_locat
     try:
         mode = os.stat(real).st_mode
     except (FileNotFoundError, NotADirectoryError):
+        if base_dir and not os.path.isdir(base_dir):  # checked only on a miss: the common path stays one stat
+            raise ConnectorError(f"{topic}.base_dir '{base_dir}' is not a readable folder (not mounted?), "
+                                 f"so {what} '{reference}' cannot be read") from None
         raise NotFound(f"{what} '{reference}' does not exist") from None
     except OSError as exc:
         raise AccessDenied(f"{what} '{reference}' cannot be read: {exc.strerror}") from None

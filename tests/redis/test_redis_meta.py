@@ -1,4 +1,8 @@
-"""The Redis meta store against the real Redis, each test under its own key prefix."""
+"""What only the Redis meta store does, against the real Redis, each test under its own key prefix.
+
+What every meta store does (JSON objects, missing keys, bad values, escapes, outages) is tested once
+for all types in tests/contracts/test_meta_store_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import redis
 
 from sqapi.connectors.meta import MetaStore
 from sqapi.connectors.meta import redis as redis_meta
-from sqapi.errors import ConfigError, ConnectorError, NotFound, PermanentError
+from sqapi.errors import ConfigError, ConnectorError, PermanentError
 
 
 @pytest.fixture
@@ -20,12 +24,6 @@ def meta(redis_section: dict[str, Any]) -> Iterator[redis_meta.RedisMeta]:
     connection = redis_meta.connect(dict(redis_section))
     yield connection
     connection.close()
-
-
-def test_metadata_stored_as_a_json_string_is_returned_as_a_dict(meta: redis_meta.RedisMeta,
-                                                                  redis_client: redis.Redis, redis_prefix: str) -> None:
-    redis_client.set(f"{redis_prefix}doc/1", json.dumps({"title": "Report", "tags": ["a", "b"], "pages": 3}))
-    assert meta.fetch_metadata("doc/1") == {"title": "Report", "tags": ["a", "b"], "pages": 3}
 
 
 def test_metadata_stored_as_a_hash_decodes_the_values_that_are_json(meta: redis_meta.RedisMeta,
@@ -37,36 +35,11 @@ def test_metadata_stored_as_a_hash_decodes_the_values_that_are_json(meta: redis_
                                             "draft": False}
 
 
-def test_a_missing_key_is_not_found_which_is_a_lookup_error(meta: redis_meta.RedisMeta) -> None:
-    with pytest.raises(NotFound, match="'nothing/here' not found") as raised:
-        meta.fetch_metadata("nothing/here")
-    assert isinstance(raised.value, LookupError)
-
-
-@pytest.mark.parametrize("stored", ["[1, 2]", "not json at all", '"a string"'])
-def test_a_value_that_is_not_a_json_object_is_a_permanent_error(meta: redis_meta.RedisMeta, redis_client: redis.Redis,
-                                                                redis_prefix: str, stored: str) -> None:
-    redis_client.set(f"{redis_prefix}odd", stored)
-    with pytest.raises(PermanentError, match="'odd'"):
-        meta.fetch_metadata("odd")
-
-
 def test_a_key_of_another_type_is_a_permanent_error(meta: redis_meta.RedisMeta, redis_client: redis.Redis,
                                                     redis_prefix: str) -> None:
     redis_client.rpush(f"{redis_prefix}listy", "a", "b")
     with pytest.raises(PermanentError, match="neither a JSON string nor a hash"):
         meta.fetch_metadata("listy")
-
-
-def test_the_key_prefix_keeps_other_keys_out_of_reach(meta: redis_meta.RedisMeta, redis_client: redis.Redis,
-                                                      redis_prefix: str) -> None:
-    unprefixed = f"sqapi-test-unprefixed-{uuid.uuid4().hex}"
-    redis_client.set(unprefixed, json.dumps({"secret": True}))
-    try:
-        with pytest.raises(NotFound):
-            meta.fetch_metadata(unprefixed)
-    finally:
-        redis_client.delete(unprefixed)
 
 
 def test_a_url_works_instead_of_host_and_port(redis_server: dict[str, Any], redis_client: redis.Redis,

@@ -6,18 +6,26 @@ provides, as in sqAPI::
     def download_to_disk(config: dict, object_ref: str) -> str
 
 ``config`` is the ``data_store`` section; the return value is the path of a local file the
-plugins read.  Remote stores stream the object into a new temporary file (never the whole
-object in memory) which sqapi deletes after processing.  A store that hands out the original
+plugins read.  Remote stores stream the object into a new temporary file in
+``config["temp_dir"]`` (sqapi fills it from ``processing.temp_dir``; unset: the system's), never
+the whole object in memory, which sqapi deletes after processing.  A store that hands out the original
 file instead (``disk``) sets ``RETURNS_ORIGINAL = True`` and sqapi leaves it alone.
 
-Errors: a missing object raises :class:`LookupError` (sqapi's :class:`~sqapi.errors.NotFound`),
-which is retried; an unreachable system raises :class:`~sqapi.errors.ConnectorError` (retried);
-a reference the store refuses raises :class:`~sqapi.errors.AccessDenied` (never retried).
+``object_ref`` names exactly one object: spaces, unicode and ``%`` are part of the name, never
+decoded.  Every call gives a file of its own.
 
-Optional: ``upload(config, local_path, object_ref) -> str`` (the data_location to publish) for
-``sqapi publish --upload``.  Optional, for stores that keep a connection: ``connect(config)`` returning an object with
-``download_to_disk(object_ref)``, ``ping()`` and ``close()``; and ``validate_config(config)``
-raising :class:`~sqapi.errors.ConfigError` for a wrong section.
+Errors: a missing object raises :class:`LookupError` (sqapi's :class:`~sqapi.errors.NotFound`),
+which is retried; an unreachable system raises :class:`~sqapi.errors.ConnectorError` (retried;
+its message never holds a password, key or token); a reference the store refuses -- one that
+climbs out of it with ``..`` or an absolute path -- raises :class:`~sqapi.errors.AccessDenied`
+(never retried).  ``tests/contracts/test_data_store_contract.py`` checks all of this for every
+type; docs/architecture.md sums it up.
+
+Optional: ``connect(config)`` returning an object with ``download_to_disk(object_ref)``,
+``ping()`` and ``close()`` (for stores that keep a connection); ``validate_config(config)``
+raising :class:`~sqapi.errors.ConfigError` for a wrong section; ``ping(config)``; and
+``upload(config, local_path, object_ref) -> str`` returning the data_location that fetches the
+file back (used by ``sqapi publish --upload``).
 """
 
 from __future__ import annotations

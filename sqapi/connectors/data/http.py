@@ -10,7 +10,11 @@ Keys:
   private, link-local, multicast, unspecified and reserved addresses are refused after the name
   is resolved, unless an entry names that host without a wildcard and with its port number
   (``127.0.0.1:8080``, ``files.internal:9000``).  See :mod:`sqapi.connectors.guard`.
-* ``base_url``: prefix for references that are not absolute URLs.
+* ``base_url``: where references that are not absolute URLs live.  Such a reference is an object
+  name: it is percent-encoded (``/`` kept) and appended to ``base_url``, so ``100% sure.pdf`` or
+  ``50%20off.pdf`` fetch the objects of exactly those names; a ``.`` or ``..`` segment is refused
+  (it would lead out of ``base_url``).  Leading slashes are ignored.  An absolute URL is fetched
+  as it is, wherever ``allowed_hosts`` allows.
 * ``max_redirects`` (default 5): redirects (301, 302, 303, 307, 308) followed, each target checked
   like the first URL; the configured ``headers`` go to the first URL's host and port only, and a
   redirect from https to http is refused.  0: a redirect is refused.
@@ -36,7 +40,7 @@ import os
 import tempfile
 import time
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 import urllib3
@@ -75,11 +79,15 @@ def host_guard(config: dict[str, Any]) -> HostGuard:
 
 
 def _url_for(config: dict[str, Any], object_ref: str) -> str:
+    """An absolute URL as it is; else the object name ``object_ref`` under ``base_url``, percent-encoded."""
     if urlsplit(object_ref).scheme in ("http", "https"):
         return object_ref
-    if config.get("base_url"):
-        return urljoin(str(config["base_url"]).rstrip("/") + "/", object_ref.lstrip("/"))
-    raise AccessDenied(f"'{shown_url(object_ref)}' is not an http(s) URL and data_store.base_url is not set")
+    if not config.get("base_url"):
+        raise AccessDenied(f"'{shown_url(object_ref)}' is not an http(s) URL and data_store.base_url is not set")
+    name = object_ref.lstrip("/")
+    if any(part in (".", "..") for part in name.split("/")):
+        raise AccessDenied(f"'{object_ref}' refused: a '.' or '..' segment would lead out of data_store.base_url")
+    return str(config["base_url"]).rstrip("/") + "/" + quote(name, safe="/")
 
 
 def download_to_disk(config: dict[str, Any], object_ref: str) -> str:

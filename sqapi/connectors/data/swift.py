@@ -23,7 +23,8 @@ Object references: if ``object_ref`` contains a ``/`` and its first segment name
 containers (the configured ones, or the account's when none are configured), it is read as
 ``container/object name`` and looked up there only.  Otherwise the whole reference is the
 object name, looked up in each container in turn; the first hit wins.  Leading slashes are
-ignored.
+ignored.  A reference with a ``.`` or ``..`` segment is refused: HTTP clients resolve those
+before Swift sees the path, so ``incoming/../private/x`` would read another container.
 
 Errors (nothing of swiftclient, requests or urllib3 escapes this module):
 
@@ -31,7 +32,8 @@ Errors (nothing of swiftclient, requests or urllib3 escapes this module):
   :class:`LookupError`; retried, as it may not have arrived yet);
 * login refused (401/403), connection refused, timeouts, 5xx, 429, a broken-off or corrupt
   download -> :class:`~sqapi.errors.ConnectorError` (retried);
-* an empty reference or another 4xx answer -> :class:`~sqapi.errors.AccessDenied` (not retried);
+* an empty reference, one with a ``.`` or ``..`` segment, or another 4xx answer ->
+  :class:`~sqapi.errors.AccessDenied` (not retried);
 * a wrong section -> :class:`~sqapi.errors.ConfigError` from :func:`connect` /
   :func:`validate_config`, before any I/O.
 
@@ -179,6 +181,18 @@ def validate_config(config: Mapping[str, Any]) -> None:
     parse_settings(config)
 
 
+def _object_ref(object_ref: str) -> str:
+    """``object_ref`` without leading slashes; :class:`AccessDenied` when it is empty or has a ``.``/``..``
+    segment (requests and urllib3 resolve those, so Swift would be asked for another path)."""
+    ref = (object_ref or "").lstrip("/")
+    if not ref:
+        raise AccessDenied("empty Swift object reference")
+    if any(part in (".", "..") for part in ref.split("/")):
+        raise AccessDenied(f"Swift object reference '{object_ref}' refused: a '.' or '..' segment would lead "
+                           "out of its container")
+    return ref
+
+
 def _temp_suffix(name: str) -> str:
     """The object name's extension if it is short and plain (plugins may look at it), else ''."""
     suffix = os.path.splitext(name)[1]
@@ -216,8 +230,8 @@ class SwiftStore:
         The object is read in :data:`CHUNK_SIZE` pieces, never whole in memory, and checked
         against its Content-Length (and MD5 ETag, for plain objects).  Raises
         :class:`NotFound` when no container holds it, :class:`ConnectorError` when Swift cannot
-        be reached or refuses the login, :class:`AccessDenied` for an empty reference or
-        another 4xx.  On any failure no temp file is left behind.
+        be reached or refuses the login, :class:`AccessDenied` for an empty reference, one with a
+        ``.``/``..`` segment, or another 4xx.  On any failure no temp file is left behind.
         """
         candidates = self._candidates(object_ref)
         for container, name in candidates:
@@ -232,11 +246,9 @@ class SwiftStore:
 
         ``container/name`` (a configured container) puts it there; a bare name goes into the
         first configured container.  The container is created when missing, and Swift's ETag is
-        checked against the file's MD5.
+        checked against the file's MD5.  A reference with a ``.``/``..`` segment is refused.
         """
-        ref = (object_ref or "").lstrip("/")
-        if not ref:
-            raise AccessDenied("empty Swift object reference")
+        ref = _object_ref(object_ref)
         first, sep, rest = ref.partition("/")
         if sep and rest and first in self.settings.containers:
             container, name = first, rest
@@ -347,9 +359,7 @@ class SwiftStore:
 
     def _candidates(self, object_ref: str) -> list[tuple[str, str]]:
         """The (container, object name) pairs to try for ``object_ref``, in order."""
-        ref = (object_ref or "").lstrip("/")
-        if not ref:
-            raise AccessDenied("empty Swift object reference")
+        ref = _object_ref(object_ref)
         containers: Iterable[str] = self.settings.containers or self._list_containers()
         containers = list(containers)
         first, sep, rest = ref.partition("/")

@@ -5,9 +5,13 @@ provides, as in sqAPI::
 
     def fetch_metadata(config: dict, reference: str) -> dict
 
-``config`` is the ``meta_store`` section.  A missing reference raises :class:`LookupError`
-(:class:`~sqapi.errors.NotFound`, retried); an unreachable system raises
-:class:`~sqapi.errors.ConnectorError` (retried).
+``config`` is the ``meta_store`` section; the result is the JSON object stored at ``reference``
+(spaces, unicode and ``%`` are part of the reference, never decoded).  A missing reference raises
+:class:`LookupError` (:class:`~sqapi.errors.NotFound`, retried); an unreachable system raises
+:class:`~sqapi.errors.ConnectorError` (retried; never showing a password); JSON that is no
+object, or no JSON, raises :class:`~sqapi.errors.PermanentError`; a reference never reaches
+outside the store (one climbing out of ``base_dir`` is :class:`~sqapi.errors.AccessDenied`).
+``tests/contracts/test_meta_store_contract.py`` checks this for every type.
 
 Metadata embedded in the message always wins; the store is asked only when the message has
 a ``meta_location`` and no ``metadata``.  Optional: ``connect(config)`` returning an object
