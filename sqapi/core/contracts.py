@@ -89,12 +89,16 @@ class StatusStore(Protocol):
 
 class DataStore(Protocol):
     def fetch(self, object_ref: str) -> LocalCopy:
-        """Bring ``object_ref`` to local disk (a missing object raises a retryable error)."""
+        """Bring ``object_ref`` to local disk.  Raises :class:`~sqapi.errors.NotFound` for a missing object and
+        :class:`~sqapi.errors.ConnectorError` for an unreachable store (both retried),
+        :class:`~sqapi.errors.AccessDenied` for a reference that leaves the store (never retried)."""
 
 
 class MetaStore(Protocol):
     def fetch(self, reference: str) -> dict[str, Any]:
-        """The metadata ``reference`` names."""
+        """The metadata ``reference`` names, a JSON object.  Raises :class:`~sqapi.errors.NotFound` (missing) and
+        :class:`~sqapi.errors.ConnectorError` (unreachable), both retried; :class:`~sqapi.errors.PermanentError`
+        when what is there is no JSON object (never retried)."""
 
 
 class Component(Protocol):
