@@ -67,10 +67,15 @@ import pika.exceptions
 import psycopg2
 import redis
 import yaml
+from rabbit_node import (  # bench/rabbit_node.py (this folder is on sys.path)
+    LOCAL,
+    RabbitNode,
+    missing_tools,
+    pid_gone,
+    run_tool,
+)
 
 SQAPI = os.environ.get("SQAPI_BIN") or str(Path(sys.executable).with_name("sqapi"))
-RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")  # the scripts themselves: /usr/sbin's wrappers switch to user rabbitmq
-LOCAL = "127.0.0.1"
 QUEUE = "sqapi"
 DEAD = f"{QUEUE}.dead"
 KIND_HEADER = "x-faults-kind"
@@ -194,138 +199,7 @@ def port_free(port: int) -> bool:
         probe.close()
 
 
-def run_tool(command: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120,
-             check: bool = True) -> int:
-    """Run a service tool with its output appended to ``log`` (never a pipe: a daemon it starts may keep it)."""
-    with open(log, "ab") as out:
-        out.write(f"\n$ {' '.join(command)}\n".encode())
-        out.flush()
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                              timeout=timeout, start_new_session=True).returncode
-    if check and code != 0:
-        raise RuntimeError(f"{' '.join(command[:3])} ... exited with {code}; see {log}")
-    return code
-
-
-def pid_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.1)
-    return False
-
-
 # -- services of our own -----------------------------------------------------------------------------------
-class RabbitNode:
-    """One RabbitMQ node of ours: its own name, ports, folders, Erlang cookie and config."""
-
-    def __init__(self, root: Path, letter: str, port: int, dist_port: int, base: int) -> None:
-        self.letter = letter
-        self.name = f"sqapi-faults-{base}-{letter}@localhost"
-        self.port = port
-        self.dist_port = dist_port
-        self.folder = root / f"rabbit-{letter}"
-        self.home = root / "erlang-home"     # HOME: our own cookie, shared by our nodes and our rabbitmqctl
-        self.plugins_file = root / "rabbit-enabled-plugins"
-        self.log = self.folder / "tools.log"
-        self.pid: int | None = None
-        self.running = False
-        self.closed = False
-
-    def prepare(self) -> None:
-        for sub in ("mnesia", "log"):
-            (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        (self.folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = {LOCAL}:{self.port}\n"
-                                                  "loopback_users = none\n")
-        # our own env file, so that /etc/rabbitmq/rabbitmq-env.conf (the shared node's name) is not read
-        (self.folder / "rabbitmq-env.conf").write_text("# bench/faults.py: everything is in the environment\n")
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update({
-            "HOME": str(self.home),
-            "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_NODE_IP_ADDRESS": LOCAL,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.folder / "log"),
-            "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
-            "RABBITMQ_CONF_ENV_FILE": str(self.folder / "rabbitmq-env.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.plugins_file),
-            "RABBITMQ_PID_FILE": str(self.folder / "pid"),
-            "ERL_EPMD_ADDRESS": LOCAL,
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-            "ERL_CRASH_DUMP": str(self.folder / "erl_crash.dump"),  # never in the working directory
-        })
-        return env
-
-    def ctl(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "-q", "-n", self.name, *args], capture_output=True,
-                              text=True, env=self.env(), timeout=timeout, stdin=subprocess.DEVNULL)
-        if check and done.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)}: "
-                               f"{(done.stderr or done.stdout).strip()[-500:]}")
-        return done
-
-    def start(self) -> None:
-        if self.closed:
-            raise RuntimeError(f"RabbitMQ node {self.name} is being stopped for good")
-        (self.folder / "pid").unlink(missing_ok=True)
-        run_tool([str(RABBIT_BIN / "rabbitmq-server"), "-detached"], self.log, env=self.env())
-        self.running = True
-        deadline = time.monotonic() + 180
-        while self.ctl("await_startup", "--timeout", "60", timeout=90, check=False).returncode != 0:
-            if time.monotonic() > deadline or self.closed:
-                raise RuntimeError(f"RabbitMQ node {self.name} did not start; see {self.folder / 'log'}")
-            time.sleep(0.5)
-        self.pid = int((self.folder / "pid").read_text().strip())
-        if self.closed:  # stopped for good while it was starting (Ctrl-C during a restart): no orphan
-            self.kill()
-
-    def processes(self) -> list[int]:
-        """Every process of this node: its Erlang VM and any rabbitmqctl talking to it (their environment says).
-
-        Never epmd, even one our node started: the machine's own RabbitMQ node registers with it too."""
-        mark = f"RABBITMQ_NODENAME={self.name}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                try:
-                    if mark in (entry / "environ").read_bytes().split(b"\0") \
-                            and (entry / "comm").read_text().strip() != "epmd":
-                        found.append(int(entry.name))
-                except OSError:
-                    continue
-        return found
-
-    def kill(self) -> None:
-        """SIGKILL the node's Erlang VM (a crash) -- and anything else of this node's."""
-        for pid in self.processes():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in self.processes():
-            pid_gone(pid, 30)
-        self.running = False
-
-    def stop(self) -> None:
-        """Stop it for good (cleanup): no restart after this, however far one had gone."""
-        self.closed = True
-        if self.processes():
-            self.ctl("stop", timeout=90, check=False)
-            deadline = time.monotonic() + 30
-            while self.processes() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        self.kill()
-
-
 class Postgres:
     """A PostgreSQL cluster of ours (``pg_createcluster``), its data in our folder."""
 
@@ -456,18 +330,12 @@ class Services:
         taken = [f"{port} ({what})" for port, what in self.ports().items() if not port_free(port)]
         if taken:
             raise Refused(f"ports taken on {LOCAL}: {', '.join(taken)}; choose others with --port-base")
-        for tool in ("rabbitmq-server", "rabbitmqctl"):
-            if not (RABBIT_BIN / tool).exists():
-                raise Refused(f"{RABBIT_BIN / tool} is missing: install the rabbitmq-server package")
+        missing = missing_tools()
+        if missing:
+            raise Refused(f"{', '.join(map(str, missing))} missing: install the rabbitmq-server package")
 
     def start(self) -> None:
         """Our first RabbitMQ node, PostgreSQL and Redis (the cluster's other nodes come with its scenario)."""
-        home = self.root / "erlang-home"
-        home.mkdir()
-        cookie = home / ".erlang.cookie"
-        cookie.write_text("".join(random.SystemRandom().choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(24)))
-        cookie.chmod(0o400)
-        (self.root / "rabbit-enabled-plugins").write_text("[].\n")  # no management plugin, so no port of its own
         self.postgres = Postgres(self.root, self.base + 20, self.base)
         self.postgres.check()
         self.redis = Redis(self.root, self.base + 21)
@@ -483,8 +351,9 @@ class Services:
         self.redis.start()
 
     def add_node(self, index: int) -> RabbitNode:
-        node = RabbitNode(self.root, "abc"[index], self.base + index, self.base + 10 + index, self.base)
-        node.prepare()
+        node = RabbitNode(self.root, f"sqapi-faults-{self.base}-{'abc'[index]}", self.base + index,
+                          self.base + 10 + index)
+        node.prepare()  # the first one also writes the Erlang cookie the others share (a cluster needs it)
         self.nodes.append(node)
         self.cleanup.push(f"stop RabbitMQ {node.name}", node.stop)
         return node
@@ -1323,12 +1192,12 @@ def scenario_cluster(services: Services, args: argparse.Namespace, files: int) -
 
     def kill_leader() -> None:
         victim = leader()
-        s.fault_note(f"SIGKILL the quorum queue's leader, RabbitMQ node {victim.letter} ({victim.name})")
+        s.fault_note(f"SIGKILL the quorum queue's leader, RabbitMQ node {victim.name}")
         victim.kill()
         time.sleep(args.outage)
-        s.fault_note(f"the queue's leader is now node {leader().letter}; starting node {victim.letter} again")
+        s.fault_note(f"the queue's leader is now node {leader().name}; starting node {victim.name} again")
         victim.start()
-        s.fault_note(f"node {victim.letter} is back")
+        s.fault_note(f"node {victim.name} is back")
 
     faults = [Fault(0.3, "leader killed", kill_leader), Fault(0.65, "leader killed", kill_leader)]
     s.note(f"publishing {n} messages (one in 100 failing its first run, one in 100 whose data comes "

@@ -2,6 +2,10 @@
 
 A vhost is created with ``rabbitmqctl add_vhost`` / ``set_permissions`` and deleted with
 ``rabbitmqctl delete_vhost`` afterwards, so tests never see each other's queues.
+
+That node is shared -- other test runs on the machine use it at the same time -- so no test stops,
+restarts or kills it: a test that takes its broker down asks for ``own_rabbitmq``, a node of its
+own on free ports (bench/rabbit_node.py), started for it and removed after it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +34,7 @@ import psycopg2.extras
 import pytest
 import yaml
 
+from bench.rabbit_node import RabbitNode, missing_tools
 from sqapi.app import Sqapi
 from tests.services import pg_connect
 
@@ -107,11 +113,59 @@ def vhost(rabbitmq_up: None) -> Iterator[str]:
         subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on at the moment, on loopback, all different."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind((HOST, 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 @pytest.fixture
-def broker(vhost: str) -> dict[str, Any]:
-    """The msg_broker section for this test's vhost: small delays so retries are quick."""
+def own_rabbitmq() -> Iterator[RabbitNode]:
+    """A RabbitMQ node of this test's own (``sqapi-test-<random>@localhost`` on free AMQP and distribution
+    ports, data, logs and Erlang cookie in a temporary folder), for a test that stops or restarts its
+    broker.  Stopped and its folder removed afterwards, also when the test fails; a node that cannot be
+    started fails the test with the command that starts it."""
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"{', '.join(map(str, missing))} missing: install the rabbitmq-server package", pytrace=False)
+    root = Path(tempfile.mkdtemp(prefix="sqapi-test-rabbitmq-"))
+    made: list[RabbitNode] = []
+    try:
+        yield start_own_node(root, made)
+    finally:
+        for node in made:
+            node.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def start_own_node(root: Path, made: list[RabbitNode], attempts: int = 3) -> RabbitNode:
+    """A node started on ports that were free a moment ago -- on others when one was taken meanwhile."""
+    while True:
+        node = RabbitNode(root, f"sqapi-test-{uuid.uuid4().hex[:12]}", *free_ports(2))
+        made.append(node)
+        node.prepare()
+        try:
+            node.start()
+            return node
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            failed = str(exc)
+        attempts -= 1
+        if attempts == 0 or not ("eaddrinuse" in failed or "dist_port_already_used" in failed):
+            pytest.fail(f"{failed}\nThis test's RabbitMQ node did not start. It was started with:\n"
+                        f"{node.start_command()}", pytrace=False)
+        node.stop()
+
+
+def broker_section(vhost: str, port: int = PORT) -> dict[str, Any]:
+    """The msg_broker section for a vhost on the node at ``port``: small delays so retries are quick."""
     return {
-        "type": "rabbitmq", "host": HOST, "port": PORT, "vhost": vhost, "user": "guest", "password": "guest",
+        "type": "rabbitmq", "host": HOST, "port": port, "vhost": vhost, "user": "guest", "password": "guest",
         "exchange_name": "sqapi", "exchange_type": "direct", "routing_key": "sqapi", "queue_name": "sqapi",
         "durable": True, "quorum": True, "delivery_limit": 10, "prefetch": 20, "heartbeat": 10,
         "retry": {"max_attempts": 3, "initial_delay": 0.3, "multiplier": 2.0, "max_delay": 5.0},
@@ -120,17 +174,23 @@ def broker(vhost: str) -> dict[str, Any]:
 
 
 @pytest.fixture
+def broker(vhost: str) -> dict[str, Any]:
+    """The msg_broker section for this test's vhost on the shared node."""
+    return broker_section(vhost)
+
+
+@pytest.fixture
 def record_plugin(write_plugin: Callable[..., Path]) -> Path:
     return write_plugin("record", RECORD_PLUGIN, init_sql=RECORD_INIT)
 
 
-def connection(vhost: str) -> pika.BlockingConnection:
-    return pika.BlockingConnection(pika.ConnectionParameters(HOST, PORT, vhost, heartbeat=30))
+def connection(vhost: str, port: int = PORT) -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.ConnectionParameters(HOST, port, vhost, heartbeat=30))
 
 
-def publish(vhost: str, bodies: list[bytes | dict[str, Any]], routing_key: str = "sqapi") -> None:
+def publish(vhost: str, bodies: list[bytes | dict[str, Any]], routing_key: str = "sqapi", port: int = PORT) -> None:
     """Publish with confirms, as a plain pika publisher would (the exchange must exist)."""
-    with connection(vhost) as conn:
+    with connection(vhost, port) as conn:
         channel = conn.channel()
         channel.confirm_delivery()
         for body in bodies:
@@ -139,14 +199,15 @@ def publish(vhost: str, bodies: list[bytes | dict[str, Any]], routing_key: str =
 
 
 def declare(vhost: str, broker: dict[str, Any]) -> None:
+    """Declare the ``broker`` section's topology in ``vhost`` on the node the section names (its port)."""
     from sqapi.connectors.listeners.rabbitmq import BrokerSettings, declare_topology
 
-    with connection(vhost) as conn:
+    with connection(vhost, int(broker.get("port", PORT))) as conn:
         declare_topology(conn.channel(), BrokerSettings.from_config(broker))
 
 
-def depth(vhost: str, queue: str) -> int:
-    with connection(vhost) as conn:
+def depth(vhost: str, queue: str, port: int = PORT) -> int:
+    with connection(vhost, port) as conn:
         return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
 
 

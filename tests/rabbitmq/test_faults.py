@@ -1,13 +1,13 @@
 """Faults against the real broker: killed loaders, a broker restart, competing loaders, SIGTERM.
 
-The status database is the real PostgreSQL (a schema per test), as in production.
+The status database is the real PostgreSQL (a schema per test), as in production.  The broker restart
+happens on a RabbitMQ node of the test's own (``own_rabbitmq``), never on the shared one.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,17 +15,18 @@ from typing import Any
 import pytest
 import yaml
 
+from bench.rabbit_node import RabbitNode
 from sqapi import supervisor
 from sqapi.app import Sqapi
 from tests.rabbitmq.conftest import (
     Loaders,
+    broker_section,
     count,
     declare,
     depth,
     listening,
     message,
     publish,
-    rabbitmqctl,
     wait_until,
 )
 
@@ -176,28 +177,27 @@ def test_sigterm_finishes_in_flight_work_requeues_the_rest_and_exits_zero(
 
 @pytest.mark.slow
 def test_the_loader_resumes_by_itself_after_rabbitmq_restarts_mid_run(
-        make_app: Callable[..., Sqapi], vhost: str, broker: dict[str, Any], record_plugin: Path,
+        make_app: Callable[..., Sqapi], own_rabbitmq: RabbitNode, record_plugin: Path,
         pg_section: dict[str, Any],
         write_data: Callable[[str, bytes | str], str]) -> None:
     write_data("item.txt", "hello")
-    broker = {**broker, "prefetch": 4}
+    node, vhost = own_rabbitmq, "/"  # the node is this test's alone: its default vhost is too
+    broker = {**broker_section(vhost, node.port), "prefetch": 4}
     app = make_app({"msg_broker": broker, "active_plugins": ["record"], "database": pg_section})
     declare(vhost, broker)
     total = 30
-    publish(vhost, [message(n, sleep=0.3) for n in range(20)])
+    publish(vhost, [message(n, sleep=0.3) for n in range(20)], port=node.port)
 
     def done() -> int:
         return app.database.count_by_status().get("DONE", 0)
 
     with listening(app) as listener:
         wait_until(lambda: done() >= 2, what="the first messages DONE")
-        try:
-            rabbitmqctl("stop_app")
-        finally:
-            subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120, check=True)
-        publish(vhost, [message(n) for n in range(20, total)])  # published after the restart
+        node.ctl("stop_app")
+        node.ctl("start_app")
+        publish(vhost, [message(n) for n in range(20, total)], port=node.port)  # published after the restart
         wait_until(lambda: done() == total, timeout=60, what="every message DONE after the restart")
     assert listener.sessions >= 2, "the loader never reconnected"
-    assert depth(vhost, "sqapi") == 0
+    assert depth(vhost, "sqapi", port=node.port) == 0
     effects = app.database.execute_query("SELECT COUNT(*) AS n FROM record_effects")
     assert effects[0]["n"] == total
