@@ -40,8 +40,9 @@ from flask.testing import FlaskClient
 from sqapi.app import database_factory
 from sqapi.config import Config, deep_merge, load_config
 from sqapi.core.content import mime_type, sha256_of
+from sqapi.core.hooks import call_hook
 from sqapi.core.message import Message
-from sqapi.core.plugins import ACTIVE, Plugin, _load_one, call_hook
+from sqapi.core.plugins import ACTIVE, Plugin, _load_one
 
 
 @dataclass

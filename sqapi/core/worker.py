@@ -84,7 +84,7 @@ def main(conn: Connection) -> None:
     if spec.max_memory:
         resource.setrlimit(resource.RLIMIT_DATA, (spec.max_memory, spec.max_memory))
     from sqapi.config import Config
-    from sqapi.core.plugins import call_hook
+    from sqapi.core.hooks import call_hook
 
     config = spec.config if isinstance(spec.config, Config) else Config(spec.config)
     try:
@@ -260,7 +260,7 @@ def _picklable(reply: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _load_module(spec: WorkerSpec) -> types.ModuleType:
     if spec.directory is not None:
-        from sqapi.core.plugins import import_plugin_folder
+        from sqapi.core.plugin_parts import import_plugin_folder
 
         return import_plugin_folder(spec.name, Path(spec.directory))
     assert spec.entry_point is not None
