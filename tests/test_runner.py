@@ -262,9 +262,9 @@ def test_a_timeout_blames_the_running_call_even_when_the_calls_behind_it_were_no
     """On a loaded machine the loader may not take back the calls queued behind a hanging one before the timeout
     (here: never, SLOW_AFTER out of reach).  The oldest unanswered call is the one that hung: it alone fails,
     the one behind it runs once, nothing runs twice."""
-    from sqapi.core import runner
+    from sqapi.core import calls
 
-    monkeypatch.setattr(runner, "SLOW_AFTER", 3600.0)
+    monkeypatch.setattr(calls, "SLOW_AFTER", 3600.0)
     write_plugin("counting", COUNTING, config={"plugin": {"timeout": 1.5}})
     app = make_app({"active_plugins": ["counting"], "custom": {"runs": str(workdir / "runs.txt")},
                     "msg_broker": {"retry": {"max_attempts": 1}}})
