@@ -15,12 +15,12 @@ import collections
 import logging
 import multiprocessing.connection
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from sqapi.core import calls as calls_module
-from sqapi.core.calls import Call, Ran
+from sqapi.core.calls import Job, Ran
 from sqapi.core.worker_process import WorkerProcess, ended, reap
 from sqapi.errors import PluginFailed, PluginTimeout
 
@@ -51,7 +51,7 @@ class _Assigned:
 class Dispatch:
     """One :meth:`WorkerPool.run`: hands calls out, takes answers in, kills what runs past its timeout."""
 
-    def __init__(self, pool: WorkerPool, calls: list[Call], on_slow: Callable[[], None]) -> None:
+    def __init__(self, pool: WorkerPool, calls: Sequence[Job], on_slow: Callable[[], None]) -> None:
         self.pool = pool
         self.calls = calls
         self.on_slow = on_slow

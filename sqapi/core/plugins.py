@@ -88,6 +88,7 @@ class Plugin:
     concurrency: int | None = None     # worker processes at most (None: processing.workers)
     max_memory: int | None = None      # bytes, per worker process
     database_section: dict[str, Any] | None = None  # what its Database was built from (``type`` included)
+    batched: bool = False              # has execute_batch: called once per batch instead of execute per message
     async_commit: bool = False         # its worker processes may commit without waiting for the disk
     entry_point: str | None = None     # ``module:attr`` of a plugin installed as a package
     builtin: bool = False              # shipped with sqapi (in sqapi's own plugins/)
@@ -266,6 +267,7 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
             plugin.module = import_plugin_folder(plugin.name, plugin.directory)
         check_execute(plugin.module)
         check_hooks(plugin.module)
+        plugin.batched = getattr(plugin.module, "execute_batch", None) is not None
         section = plugin.config.get("plugin") or {}
         plugin.mime_types = _mime_types(plugin.config)
         plugin.after = _string_list(section.get("after"), "plugin.after")

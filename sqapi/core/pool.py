@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqapi.core import calls as calls_module
-from sqapi.core.calls import Call, Ran
+from sqapi.core.calls import Job, Ran
 from sqapi.core.dispatch import Dispatch
 from sqapi.core.plugins import Plugin
 from sqapi.core.worker_process import WorkerProcess, kill, start_worker, stop_worker
@@ -104,7 +104,7 @@ class WorkerPool:
             raise
 
     # -- calls ---------------------------------------------------------------------------------
-    def run(self, calls: list[Call], on_slow: Callable[[], None]) -> list[Ran]:
+    def run(self, calls: Sequence[Job], on_slow: Callable[[], None]) -> list[Ran]:
         """Run the calls on this plugin's workers, each worker one call at a time; their results in order.
 
         A plugin whose calls are quick gets them in shares (a few messages for a whole batch, one

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from sqapi.core.calls import SLOW_AFTER, Call, Ran
+from sqapi.core.calls import SLOW_AFTER, BatchAnswer, BatchCall, Call, Job, Ran
 from sqapi.core.dispatch import MAX_SHARE, NEAR_MEMORY_CAP, PENDING_POLL
 from sqapi.core.hooks import call_hook
 from sqapi.core.plugins import PROCESS, Plugin, PluginSet
@@ -87,11 +87,19 @@ class PluginRunner:
     def run(self, plugin: Plugin, calls: list[Call], on_slow: Callable[[], None]) -> list[Ran]:
         """Run ``plugin`` once per call, in order; ``(result, error, seconds)`` for each, never raising.
 
-        ``on_slow`` is called once, from this thread, when the calls have taken
-        :data:`SLOW_AFTER` seconds and are not done (the processor then records PROCESSING).
+        A plugin with ``execute_batch`` runs once for all the calls (one job: one worker, one
+        timeout); each call then gets its item's outcome, and a share of the time.  ``on_slow`` is
+        called once, from this thread, when the calls have taken :data:`SLOW_AFTER` seconds and
+        are not done (the processor then records PROCESSING).
         """
         if not calls:
             return []
+        if not plugin.batched:
+            return self._run(plugin, calls, on_slow)
+        [ran] = self._run(plugin, [BatchCall(calls)], on_slow)
+        return per_item(ran, len(calls))
+
+    def _run(self, plugin: Plugin, calls: Sequence[Job], on_slow: Callable[[], None]) -> list[Ran]:
         if plugin.isolation == PROCESS:
             try:
                 pool = self._pool(plugin)
@@ -146,3 +154,17 @@ class PluginRunner:
                 pool = WorkerPool(plugin, plugin.concurrency or self.default_concurrency)
                 self._pools[plugin.name] = pool
             return pool
+
+
+def per_item(ran: Ran, count: int) -> list[Ran]:
+    """An ``execute_batch`` call's outcome as ``count`` calls' own: each item's result or exception (or the whole
+    call's error, for every item), each with an equal share of the call's time."""
+    result, error, seconds = ran
+    share = seconds / count
+    if error is not None:
+        return [(None, error, share)] * count
+    if isinstance(result, BatchAnswer):  # from a worker process: errors came as words
+        return [(outcome[1], None, share) if outcome[0] == "done"
+                else (None, PluginFailed(outcome[1], outcome[2], outcome[3]), share) for outcome in result.outcomes]
+    return [(None, outcome, share) if isinstance(outcome, BaseException) else (outcome, None, share)
+            for outcome in result]

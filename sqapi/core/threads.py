@@ -12,10 +12,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqapi.core import calls as calls_module
-from sqapi.core.calls import Call, Ran
+from sqapi.core.calls import BatchCall, Job, Ran
+from sqapi.core.hooks import run_execute, run_execute_batch
 from sqapi.core.plugins import Plugin
 from sqapi.errors import PluginTimeout
 
@@ -72,7 +73,7 @@ class ThreadCalls:
         self._overdue_lock = threading.Lock()
         self._threads = _DaemonThreads("sqapi-plugin")
 
-    def run(self, plugin: Plugin, calls: list[Call], on_slow: Callable[[], None]) -> list[Ran]:
+    def run(self, plugin: Plugin, calls: Sequence[Job], on_slow: Callable[[], None]) -> list[Ran]:
         """Run calls until one is past its timeout (that one included): one after the other on one daemon thread.
 
         Python cannot kill a thread, so a call past ``plugin.timeout`` is abandoned -- counted in
@@ -87,7 +88,7 @@ class ThreadCalls:
             ran.extend(self._some(plugin, calls[len(ran):], on_slow, slow_at))
         return ran
 
-    def _some(self, plugin: Plugin, calls: list[Call], on_slow: Callable[[], None], slow_at: list[float]) \
+    def _some(self, plugin: Plugin, calls: Sequence[Job], on_slow: Callable[[], None], slow_at: list[float]) \
             -> list[Ran]:
         timeout = float(plugin.timeout or 0)
         done: list[Ran] = []            # filled by the daemon thread, in order
@@ -141,12 +142,14 @@ class ThreadCalls:
             log.warning("plugin %s is still running past its timeout (%d call(s) overdue)", name, still)
 
 
-def _timed(plugin: Plugin, call: Call) -> Ran:
+def _timed(plugin: Plugin, call: Job) -> Ran:
     started = time.monotonic()
     try:
         assert plugin.module is not None
-        with open(call.path, "rb") as data:
-            result = plugin.module.execute(plugin.config, plugin.database, call.message, call.metadata, data)
+        if isinstance(call, BatchCall):  # its result: one outcome per item (a result or an exception)
+            result = run_execute_batch(plugin.module, plugin.config, plugin.database, call)
+        else:
+            result = run_execute(plugin.module, plugin.config, plugin.database, call)
     except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() fails; it does not end the worker
         return None, exc, time.monotonic() - started
     return result, None, time.monotonic() - started
