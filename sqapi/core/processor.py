@@ -240,7 +240,7 @@ class Processor:
             stale = [w for w in running if w.message.action == PROCESS and w.previous is not None and not w.resume]
             if stale:
                 self.database.forget_plugin_rows([w.message.uuid for w in stale])
-            # finished work taken up again (new data, a deletion) counts its attempts anew, as _attempt_number did
+            # finished work taken up again (new data, a deletion) counts its attempts anew, as attempt_number did
             restarted = {w.message.uuid: w.attempt for w in running + finals
                          if w.previous is not None and w.previous["status"] == DONE}
             if restarted:
