@@ -22,7 +22,10 @@ The processor hands :meth:`PluginRunner.run` a plugin and the calls of a batch, 
     Python cannot kill a thread).
 
 A batch's calls to one plugin go to one worker in one message; the worker answers each call as
-it ends, so a timeout is counted per call and a crash costs only the call that caused it.
+it ends, so a timeout is counted per call and a crash costs only the call that caused it.  A
+plugin with ``execute_batch`` is run once for the batch's calls (a
+:class:`~sqapi.core.calls.BatchCall`, one job wherever it runs), and each call gets its item's
+outcome back (:func:`per_item`).
 
 The runner is the front: the worker processes are :mod:`sqapi.core.pool` (how many, which is
 free), :mod:`sqapi.core.dispatch` (one batch's calls over them: shares, answers, timeouts) and
