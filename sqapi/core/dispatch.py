@@ -129,9 +129,13 @@ class Dispatch:
                 continue  # only a withdrawal's answer to come: wait for it
             if self.timeout is not None:
                 wakes.append(job.head_started + self.timeout)
-            take_back = len(job.queue) > 1 and not job.withdrawing
-            if (take_back or self.pending) and job.head_started + calls_module.SLOW_AFTER > now:
-                wakes.append(job.head_started + calls_module.SLOW_AFTER)
+            take_back_at = job.head_started + calls_module.SLOW_AFTER
+            if len(job.queue) > 1 and not job.withdrawing:
+                # even when that moment has passed (while on_slow wrote, say): then at once, and the withdrawal
+                # below goes out -- skipping it would wait for the slow call to end
+                wakes.append(take_back_at)
+            elif self.pending and take_back_at > now:
+                wakes.append(take_back_at)
         if self.pending:  # a worker another batch frees, or one to start: look again soon
             wakes.append(now + PENDING_POLL)
         wake = min(wakes)
