@@ -39,9 +39,11 @@ from flask.testing import FlaskClient
 
 from sqapi.app import database_factory
 from sqapi.config import Config, deep_merge, load_config
+from sqapi.core.calls import BatchCall, Call
 from sqapi.core.content import mime_type, sha256_of
+from sqapi.core.hooks import call_hook, run_execute_batch
 from sqapi.core.message import Message
-from sqapi.core.plugins import ACTIVE, Plugin, _load_one, call_hook
+from sqapi.core.plugins import ACTIVE, Plugin, _load_one
 
 
 @dataclass
@@ -86,7 +88,8 @@ def run_plugin(directory: str | Path, data: bytes, tmp_path: Path, metadata: dic
                config: dict[str, Any] | None = None, results: dict[str, Any] | None = None,
                **fields: Any) -> PluginRun:
     """Load the plugin and call its ``execute`` once on ``data`` -- between its ``setup`` and ``teardown``
-    hooks, when it has them, as sqapi would; returns what it returned and its database.
+    hooks, when it has them, as sqapi would; returns what it returned and its database.  A plugin with
+    ``execute_batch`` gets a batch of one item, and its item's outcome is returned (or raised).
 
     ``fields`` set the message's own (``uuid``, ``type``, ``data_location``, ``body``...);
     ``results`` are the earlier plugins' results it receives (``message.results``)."""
@@ -102,9 +105,15 @@ def run_plugin(directory: str | Path, data: bytes, tmp_path: Path, metadata: dic
     hooks = {"config": plugin.config, "database": plugin.database}
     set_up = call_hook(plugin.module, "setup", **hooks)
     try:
-        with open(path, "rb") as handle:
-            result = plugin.module.execute(plugin.config, plugin.database, message, dict(metadata or {}),
-                                           io.BufferedReader(handle))
+        if plugin.batched:  # as sqapi calls it: a batch, here of one
+            [result] = run_execute_batch(plugin.module, plugin.config, plugin.database,
+                                         BatchCall([Call(message, dict(metadata or {}), str(path))]))
+            if isinstance(result, BaseException):
+                raise result
+        else:
+            with open(path, "rb") as handle:
+                result = plugin.module.execute(plugin.config, plugin.database, message, dict(metadata or {}),
+                                               io.BufferedReader(handle))
     finally:
         if set_up:
             call_hook(plugin.module, "teardown", **hooks)

@@ -401,9 +401,9 @@ def test_a_message_reads_querying_while_its_data_is_fetched_and_processing_while
     """A plugin that runs a while sees PROCESSING and the data's hash recorded (written after
     SLOW_AFTER seconds while the caller waits, at once when plugins run inline)."""
     from sqapi.connectors.db import _embedded
-    from sqapi.core import runner
+    from sqapi.core import calls
 
-    monkeypatch.setattr(runner, "SLOW_AFTER", 0.05)
+    monkeypatch.setattr(calls, "SLOW_AFTER", 0.05)
     for name in ("peek_pkg", "peek_pkg.store"):  # a fresh module (its SEEN) for each parameter
         monkeypatch.delitem(sys.modules, name, raising=False)
     (workdir / "peek_pkg").mkdir()

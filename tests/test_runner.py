@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from sqapi.app import Sqapi
+from sqapi.core.calls import Call
+from sqapi.core.message import Message
 from sqapi.core.outcome import Delivery
 from sqapi.core.plugins import commits_safely_without_waiting, plugin_database_section
 
@@ -114,6 +116,25 @@ def test_calls_queued_behind_a_slow_one_are_handed_to_another_worker(
     durations = [row["duration_ms"] for row in app.database.execute_query(
         "SELECT duration_ms FROM message_plugins WHERE uuid LIKE 'q%%'")]
     assert max(durations) < 1000  # none of them waited for the slow call
+
+
+def test_calls_behind_a_slow_one_are_taken_back_even_when_their_moment_passed_while_the_runner_was_busy(
+        make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str],
+        workdir: Path) -> None:
+    """The moment to take calls back can pass while the runner is not waiting (here: a cold worker's start, then
+    on_slow's PROCESSING write); it must still come, not wait for the slow call to end."""
+    write_plugin("sometimes_slow", "import os, time\ndef execute(config, database, message, metadata, data):\n"
+                                   "    time.sleep(float(metadata.get('sleep', 0)))\n"
+                                   "    return {'pid': os.getpid()}\n")
+    app = make_app({"active_plugins": ["sometimes_slow"]})
+    path = str(workdir / "data" / write_data("a.txt", "x"))
+    calls = [Call(Message(id=f"d{n}", uuid=f"u{n}", data_location=path), {"sleep": 3 if n == 0 else 0}, path)
+             for n in range(6)]
+    ran = app.processor.runner.run(app.plugins.plugins["sometimes_slow"], calls, lambda: time.sleep(0.5))
+    assert [error for _result, error, _seconds in ran] == [None] * 6
+    pids = [result["pid"] for result, _error, _seconds in ran]
+    assert pids[0] not in pids[1:]  # taken back from behind the slow call, run elsewhere
+    assert max(seconds for _result, _error, seconds in ran[1:]) < 1
 
 
 def test_a_result_that_cannot_be_handed_back_fails_its_call_only(
@@ -262,9 +283,9 @@ def test_a_timeout_blames_the_running_call_even_when_the_calls_behind_it_were_no
     """On a loaded machine the loader may not take back the calls queued behind a hanging one before the timeout
     (here: never, SLOW_AFTER out of reach).  The oldest unanswered call is the one that hung: it alone fails,
     the one behind it runs once, nothing runs twice."""
-    from sqapi.core import runner
+    from sqapi.core import calls
 
-    monkeypatch.setattr(runner, "SLOW_AFTER", 3600.0)
+    monkeypatch.setattr(calls, "SLOW_AFTER", 3600.0)
     write_plugin("counting", COUNTING, config={"plugin": {"timeout": 1.5}})
     app = make_app({"active_plugins": ["counting"], "custom": {"runs": str(workdir / "runs.txt")},
                     "msg_broker": {"retry": {"max_attempts": 1}}})

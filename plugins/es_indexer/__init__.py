@@ -8,16 +8,16 @@ deletes the document instead.  The index name comes from ``custom.es_indexer.ind
 ``{date}`` and ``{data_type}`` placeholders; the index a uuid went to is kept in the plugin's
 ``es_documents`` table so a later redelivery or deletion (on another day) finds the same index.
 
-Batching: the plugin contract is one call per message, and a message is acknowledged as soon
-as the plugin returns, so a document must be indexed before :func:`execute` returns.  Messages
-processed at the same time (``processing.workers``) are therefore grouped: each call adds its
-action to a shared batch and waits; the batch goes out as one ``_bulk`` request when it holds
-``batch_size`` actions or ``batch_wait`` seconds after it was opened, and every call returns
-(or raises) with its own item's outcome.  Nothing is acknowledged that is not indexed.
+Batching: sqapi calls :func:`execute_batch` once per batch it holds, and acknowledges a message
+only after its outcome is recorded, so each call sends its batch's actions in ``_bulk``
+requests (of at most ``batch_size`` actions) and answers every message with its own item's
+outcome: its result, or the error that fails it alone.  Nothing is acknowledged that is not
+indexed.
 
 Failures: 429 / 5xx / connection errors are retried with exponential backoff (``max_retries``,
-``backoff``), then raised as :class:`~sqapi.errors.ConnectorError` (the message is retried
-later); 400 and other refusals of a document are a :class:`~sqapi.errors.PermanentError`.
+``backoff``), then the messages still waiting fail with a :class:`~sqapi.errors.ConnectorError`
+(retried later); 400 and other refusals of a document are a
+:class:`~sqapi.errors.PermanentError` for its message alone.
 
 Inactive (``sqapi plugins`` says why) until ``custom.es_indexer.hosts`` is set.
 """
@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
-import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from typing import Any
 import elasticsearch
 
 from sqapi.backoff import exponential
+from sqapi.core.calls import Call
 from sqapi.errors import ConnectorError, PermanentError, PluginNotConfigured
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -48,8 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "date_format": "%Y.%m",
     "delete_field": "action",      # body key that asks for deletion ...
     "delete_value": "delete",      # ... when it has this value
-    "batch_size": 100,             # most actions in one _bulk request
-    "batch_wait": 0.05,            # seconds a batch stays open for messages processed at the same time
+    "batch_size": 100,             # most actions in one _bulk request (a larger batch takes several)
     "max_retries": 5,              # retries of 429 / 5xx / connection errors
     "backoff": 0.5,                # first retry delay in seconds; doubles each time
     "max_backoff": 30.0,
@@ -92,42 +92,84 @@ _STATE: dict[str, Any] = {}
 def setup(config: Mapping[str, Any]) -> None:
     """Once per process: the settings parsed and the Elasticsearch client made, for every call."""
     options = settings(config)
-    _STATE.update(options=options, indexer=_indexer_for(options))
+    _STATE.update(options=options, indexer=BulkIndexer(make_client(options), options))
 
 
 def teardown() -> None:
     """At stop: the client's connections closed."""
     indexer = _STATE.pop("indexer", None)
     _STATE.pop("options", None)
-    with _indexers_lock:
-        for key in [k for k, v in _indexers.items() if v is indexer]:
-            del _indexers[key]
     if indexer is not None:
+        indexer.client.close()
+
+
+def execute_batch(config: Any, database: Any, items: list[Call]) -> list[Any]:
+    """Index (or delete) the documents of a batch's messages, their actions in ``_bulk`` requests; one outcome per
+    item: its result, or the exception that fails it alone."""
+    if "indexer" in _STATE:
+        return _index(database, items, _STATE["options"], _STATE["indexer"])
+    options = settings(config)  # called without setup (a caller of its own): a client for this call alone
+    indexer = BulkIndexer(make_client(options), options)
+    try:
+        return _index(database, items, options, indexer)
+    finally:
         indexer.client.close()
 
 
 def execute(config: Any, database: Any, message: Any, metadata: dict[str, Any], data: io.BufferedReader) \
         -> dict[str, Any]:
-    if "indexer" in _STATE:
-        options, indexer = _STATE["options"], _STATE["indexer"]
-    else:  # called without setup (a caller of its own): made now, and kept like setup's
-        options = settings(config)
-        indexer = _indexer_for(options)
-    body = message.body or {}
+    """sqAPI's one call per message, for a caller of its own (sqapi calls :func:`execute_batch`)."""
+    [outcome] = execute_batch(config, database, [Call(message, metadata, getattr(data, "name", os.devnull))])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _index(database: Any, items: list[Call], options: Mapping[str, Any], indexer: BulkIndexer) -> list[Any]:
+    """Each item's action, sent together, then recorded in ``es_documents``; one outcome per item."""
+    outcomes: list[Any] = [None] * len(items)
+    actions: list[_Action] = []
+    for number, item in enumerate(items):
+        try:
+            action = _action(number, item, database, options)
+            if action is not None:
+                actions.append(action)
+            else:  # a deletion from an index not known: searched for, on its own
+                outcome = indexer.delete_everywhere(item.message.uuid, index_pattern(options["index"]))
+                database.execute_script(str(SCRIPTS / "delete_by_uuid.sql"), uuid_ref=item.message.uuid)
+                outcomes[number] = {"action": "delete", "id": item.message.uuid, "result": outcome}
+        except Exception as exc:  # this message alone
+            outcomes[number] = exc
+    indexer.bulk(actions)
+    for action in actions:
+        try:
+            outcomes[action.number] = action.error or _recorded(action, items[action.number].message, database)
+        except Exception as exc:
+            outcomes[action.number] = exc
+    return outcomes
+
+
+def _action(number: int, item: Call, database: Any, options: Mapping[str, Any]) -> _Action | None:
+    """The bulk action for one message (``None``: a deletion whose index is not known)."""
+    message = item.message
     known = database.execute_script(str(SCRIPTS / "select_by_uuid.sql"), uuid_ref=message.uuid)
-    if _wants_delete(body, options):
-        if known:
-            outcome = indexer.submit({"delete": {"_index": known[0]["index_name"], "_id": message.uuid}}, None)
-        else:
-            outcome = indexer.delete_everywhere(message.uuid, index_pattern(options["index"]))
-        database.execute_script(str(SCRIPTS / "delete_by_uuid.sql"), uuid_ref=message.uuid)
-        return {"action": "delete", "id": message.uuid, "result": outcome}
+    if _wants_delete(message.body or {}, options):
+        if not known:
+            return None
+        return _Action(number, {"delete": {"_index": known[0]["index_name"], "_id": message.uuid}}, None)
     index = known[0]["index_name"] if known else index_name(options, message.type)
-    document = build_document(message, metadata)
-    outcome = indexer.submit({"index": {"_index": index, "_id": message.uuid}}, document)
+    return _Action(number, {"index": {"_index": index, "_id": message.uuid}}, build_document(message, item.metadata))
+
+
+def _recorded(action: _Action, message: Any, database: Any) -> dict[str, Any]:
+    """A done action recorded in ``es_documents`` (or taken out of it); the message's result."""
+    if action.source is None:
+        database.execute_script(str(SCRIPTS / "delete_by_uuid.sql"), uuid_ref=message.uuid)
+        return {"action": "delete", "id": message.uuid, "result": action.result or ""}
+    index = action.header["index"]["_index"]
     database.execute_script(str(SCRIPTS / "upsert_document.sql"), uuid_ref=message.uuid, index_name=index,
-                            hash_digest=message.hash_digest, indexed_at=document["indexed_at"])
-    return {"action": "index", "index": index, "id": message.uuid, "result": outcome}
+                            hash_digest=message.hash_digest, indexed_at=action.source["indexed_at"])
+    return {"action": "index", "index": index, "id": message.uuid, "result": action.result or ""}
 
 
 def _wants_delete(body: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
@@ -173,62 +215,33 @@ def build_document(message: Any, metadata: Mapping[str, Any]) -> dict[str, Any]:
     return document
 
 
-# -- the shared client and batches --------------------------------------------------------------
+# -- the client and its bulk requests ----------------------------------------------------------
 
 @dataclass
 class _Action:
+    """One document's action in a bulk request, and its outcome."""
+
+    number: int                      # its item in the batch
     header: dict[str, Any]
-    source: dict[str, Any] | None
-    done: threading.Event = field(default_factory=threading.Event)
-    taken: bool = False
-    result: str | None = None
+    source: dict[str, Any] | None    # the document to index; None: a deletion
+    result: str | None = None        # ES's result: "created", "updated", "deleted", "not_found"
     error: Exception | None = None
 
 
 class BulkIndexer:
-    """Groups the actions of concurrent calls into ``_bulk`` requests; each caller waits for its own item."""
+    """Sends actions in ``_bulk`` requests of at most ``batch_size``, retrying what ES answers 429 / 5xx to."""
 
     def __init__(self, client: Any, options: Mapping[str, Any]) -> None:
         self.client = client
         self.batch_size = int(options["batch_size"])
-        self.batch_wait = float(options["batch_wait"])
         self.max_retries = int(options["max_retries"])
         self.backoff = float(options["backoff"])
         self.max_backoff = float(options["max_backoff"])
-        self._pending: list[_Action] = []
-        self._opened = 0.0
-        self._ready = threading.Condition()
 
-    def submit(self, header: dict[str, Any], source: dict[str, Any] | None) -> str:
-        """Index or delete one document through a bulk request; returns ES's result ("created", "updated"...)."""
-        action = _Action(header, source)
-        batch: list[_Action] = []
-        with self._ready:
-            if not self._pending:
-                self._opened = time.monotonic()
-            self._pending.append(action)
-            if len(self._pending) >= self.batch_size:
-                batch = self._take()
-            else:
-                while not action.taken:
-                    remaining = self._opened + self.batch_wait - time.monotonic()
-                    if remaining <= 0:
-                        batch = self._take()
-                        break
-                    self._ready.wait(remaining)
-        if batch:
-            self._send(batch)
-        action.done.wait()
-        if action.error is not None:
-            raise action.error
-        return action.result or ""
-
-    def _take(self) -> list[_Action]:
-        batch, self._pending = self._pending, []
-        for action in batch:
-            action.taken = True
-        self._ready.notify_all()
-        return batch
+    def bulk(self, actions: list[_Action]) -> None:
+        """Send every action; each ends with its ``result`` or its ``error``."""
+        for start in range(0, len(actions), self.batch_size):
+            self._send(actions[start:start + self.batch_size])
 
     def _send(self, batch: list[_Action]) -> None:
         try:
@@ -238,11 +251,10 @@ class BulkIndexer:
                 if not remaining:
                     return
                 self._sleep(attempt)
-        except Exception as exc:  # one failure for the whole request: every caller gets it
+        except Exception as exc:  # one failure for the whole request: every action still open gets it
             for action in batch:
-                if not action.done.is_set():
+                if action.result is None and action.error is None:
                     action.error = exc
-                    action.done.set()
 
     def _send_once(self, batch: list[_Action], last: bool) -> list[_Action]:
         """One bulk request; returns the actions to try again (429 / 5xx), finishes the others."""
@@ -274,17 +286,14 @@ class BulkIndexer:
             status = int(outcome.get("status", 500))
             if 200 <= status < 300 or (kind == "delete" and status == 404):
                 action.result = outcome.get("result")
-                action.done.set()
             elif status in RETRYABLE_STATUS and not last:
                 retry.append(action)
             elif status in RETRYABLE_STATUS:
                 action.error = ConnectorError(f"Elasticsearch answered {status} for document "
                                               f"{outcome.get('_id')} to every retry")
-                action.done.set()
             else:
                 action.error = PermanentError(f"Elasticsearch refused document {outcome.get('_id')} ({status}): "
                                               f"{_reason(outcome)}")
-                action.done.set()
         return retry
 
     def delete_everywhere(self, uuid: str, pattern: str) -> str:
@@ -317,24 +326,6 @@ def _reason(body: Any) -> str:
         if error:
             return str(error)
     return str(body)[:200]
-
-
-# One client (and batch) per distinct connection setting, made on first use and shared by the
-# plugin's calls: concurrent messages can only share a bulk request through a shared batcher.
-_indexers: dict[tuple[Any, ...], BulkIndexer] = {}
-_indexers_lock = threading.Lock()
-_CONNECTION_KEYS = ("hosts", "api_key", "username", "password", "verify_certs", "ca_certs", "request_timeout",
-                    "batch_size", "batch_wait", "max_retries", "backoff", "max_backoff")
-
-
-def _indexer_for(options: Mapping[str, Any]) -> BulkIndexer:
-    key = tuple(str(options[k]) for k in _CONNECTION_KEYS)
-    with _indexers_lock:
-        indexer = _indexers.get(key)
-        if indexer is None:
-            indexer = BulkIndexer(make_client(options), options)
-            _indexers[key] = indexer
-        return indexer
 
 
 def make_client(options: Mapping[str, Any]) -> Any:

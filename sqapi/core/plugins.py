@@ -15,8 +15,9 @@ naming both).
 
 A plugin's ``database`` is a Database of its own: of the type and connection its
 ``config.yml``'s ``database`` section names, or else of the main one (see
-:func:`plugin_database_section`).  How its calls run is its ``plugin.isolation``
-(:mod:`sqapi.core.runner`).
+:func:`~sqapi.core.plugin_parts.plugin_database_section`; its module, blueprints and database
+are made in :mod:`sqapi.core.plugin_parts`).  Its functions are checked by
+:mod:`sqapi.core.hooks`.  How its calls run is its ``plugin.isolation`` (:mod:`sqapi.core.runner`).
 
 Every problem is pinned on its plugin -- a broken import, a wrong ``execute`` signature, a
 missing init script, a bad config value -- and recorded as that plugin's ``reason`` while
@@ -27,12 +28,8 @@ the others load.  A plugin's optional ``check(config)`` may raise
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
-import inspect
 import logging
 import os
-import sys
-import traceback
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,20 +39,33 @@ from typing import Any
 
 import yaml
 
-from sqapi.config import Config, deep_merge, init_script_of, parse_size, read_yaml, substitute_env
-from sqapi.errors import ConfigError, PluginNotConfigured, SqapiError
+from sqapi.config import Config, deep_merge, parse_size, read_yaml, substitute_env
+from sqapi.core.hooks import HOOKS, call_hook, check_execute, check_hooks
+from sqapi.core.plugin_parts import (
+    MODULE_PREFIX,
+    commits_safely_without_waiting,
+    describe_database,
+    describe_exception,
+    import_plugin_folder,
+    load_blueprints,
+    plugin_database,
+    plugin_database_section,
+)
+from sqapi.errors import PluginNotConfigured, SqapiError
 from sqapi.resources import BUILTIN_PLUGIN_PACKAGE, BUILTIN_PLUGINS
+
+#: re-exported: their homes are sqapi.core.hooks and sqapi.core.plugin_parts
+__all__ = ["ACTIVE", "FAILED", "HOOKS", "MODULE_PREFIX", "PROCESS", "PROJECT_PLUGINS", "THREAD", "UNLOADED", "Plugin",
+           "PluginSet", "builtin_entry_point", "call_hook", "check_hooks", "commits_safely_without_waiting",
+           "discover", "import_plugin_folder", "load_plugins", "plugin_database_section", "plugin_dirs"]
 
 log = logging.getLogger(__name__)
 
 #: sqapi's own built-in plugins (``plugins/`` of a checkout, ``sqapi/builtin_plugins`` of the wheel)
 PROJECT_PLUGINS = BUILTIN_PLUGINS
-MODULE_PREFIX = "sqapi_plugins"
 ACTIVE, UNLOADED, FAILED = "active", "unloaded", "failed"
 #: ``plugin.isolation``: calls in worker processes (the default), or on the loader's threads (thread-safe only)
 PROCESS, THREAD = "process", "thread"
-#: where a database section says which server: a plugin naming one of these gets exactly its own
-_WHERE_KEYS = ("connection", "dsn", "url", "embedded", "path", "hosts")
 
 
 @dataclass
@@ -78,6 +88,7 @@ class Plugin:
     concurrency: int | None = None     # worker processes at most (None: processing.workers)
     max_memory: int | None = None      # bytes, per worker process
     database_section: dict[str, Any] | None = None  # what its Database was built from (``type`` included)
+    batched: bool = False              # has execute_batch: called once per batch instead of execute per message
     async_commit: bool = False         # its worker processes may commit without waiting for the disk
     entry_point: str | None = None     # ``module:attr`` of a plugin installed as a package
     builtin: bool = False              # shipped with sqapi (in sqapi's own plugins/)
@@ -115,7 +126,7 @@ class Plugin:
             "max_memory": self.max_memory,
             "builtin": self.builtin,
             "shadowed": list(self.shadowed),
-            "database": _where(self.database),
+            "database": describe_database(self.database),
             "blueprint_errors": list(self.blueprint_errors),
         }
 
@@ -254,8 +265,9 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
         if plugin.module is None:
             assert plugin.directory is not None
             plugin.module = import_plugin_folder(plugin.name, plugin.directory)
-        _check_execute(plugin.module)
+        check_execute(plugin.module)
         check_hooks(plugin.module)
+        plugin.batched = getattr(plugin.module, "execute_batch", None) is not None
         section = plugin.config.get("plugin") or {}
         plugin.mime_types = _mime_types(plugin.config)
         plugin.after = _string_list(section.get("after"), "plugin.after")
@@ -272,7 +284,7 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
         check = getattr(plugin.module, "check", None)
         if callable(check):
             check(plugin.config)
-        plugin.database = _plugin_database(plugin, own, make_database)
+        plugin.database = plugin_database(plugin, own, make_database)
         plugin.async_commit = commits_safely_without_waiting(main.get("database") or {}, own.get("database") or {})
     except PluginNotConfigured as exc:
         plugin.state, plugin.reason = UNLOADED, f"not configured: {exc}"
@@ -281,9 +293,9 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
         plugin.fail(f"{where}: {exc}")
         return
     except Exception as exc:  # a plugin's own code raised at import or check time
-        plugin.fail(f"{where}: {_describe_exception(exc)}")
+        plugin.fail(f"{where}: {describe_exception(exc)}")
         return
-    _load_blueprints(plugin)
+    load_blueprints(plugin)
 
 
 def _isolation(plugin: Plugin, section: Mapping[str, Any]) -> None:
@@ -324,117 +336,6 @@ def _merged_config(main: Config, own: Mapping[str, Any], plugin: Plugin) -> Conf
     return config
 
 
-def plugin_database_section(main: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``database`` section of a plugin's Database: exactly what the plugin names, never a mix of two servers.
-
-    * The plugin's ``config.yml`` names no database: the main one (without its init script,
-      which is the core's).
-    * It names another ``type``: its own section alone (an ``elasticsearch`` database takes
-      nothing from a PostgreSQL one).
-    * The same type, with where to connect (``connection``, ``dsn``, ``url``, ``embedded``,
-      ``path``, ``hosts``): the main section's other settings (pool, timeouts, schema) with the
-      plugin's connection alone -- the main connection's host or password never leaks into it.
-    * The same type with only other settings: those merged over the main section.
-    """
-    if not isinstance(own, Mapping):
-        raise ValueError(f"database in the plugin's config.yml must be a mapping, not {type(own).__name__}")
-    own_type = own.get("type")
-    if own_type and own_type != main.get("type"):
-        return dict(own)
-    base = {k: v for k, v in main.items() if k not in ("init", "scripts")}
-    same_server = not any(own.get(key) is not None for key in _WHERE_KEYS)
-    if not same_server:
-        base = {k: v for k, v in base.items() if k not in _WHERE_KEYS}
-    section = deep_merge(base, own)
-    section["type"] = own_type or main.get("type")
-    return section
-
-
-def commits_safely_without_waiting(main: Mapping[str, Any], own: Mapping[str, Any]) -> bool:
-    """Whether a plugin's calls may commit their writes without waiting for the disk (``synchronous_commit: off``).
-
-    True for a plugin whose writes go to the status database's own PostgreSQL, neither config
-    saying otherwise: a call returns before sqapi records it DONE, and that record's commit waits
-    for the disk -- which makes every earlier commit of the server durable too (one WAL, written
-    in order).  So nothing is recorded DONE whose plugin rows a crash could lose, and a plugin
-    writing a row per message does not wait for a disk flush per message.  Only the plugin's
-    worker processes use it: writes made elsewhere (its blueprints in the API) wait as usual.
-    """
-    if own.get("type") not in (None, main.get("type")) or main.get("type") not in ("postgres", "postgresql"):
-        return False
-    if any(own.get(key) is not None for key in _WHERE_KEYS):
-        return False
-    return main.get("synchronous_commit") is None and own.get("synchronous_commit") is None
-
-
-def import_plugin_folder(name: str, directory: Path) -> types.ModuleType:
-    """Import the plugin folder ``directory`` as module ``sqapi_plugins.<name>`` (replacing one of that name)."""
-    if MODULE_PREFIX not in sys.modules:
-        package = types.ModuleType(MODULE_PREFIX)
-        package.__path__ = []
-        sys.modules[MODULE_PREFIX] = package
-    module_name = f"{MODULE_PREFIX}.{name}"
-    for loaded in [m for m in sys.modules if m == module_name or m.startswith(module_name + ".")]:
-        del sys.modules[loaded]  # a plugin of the same name loaded earlier from another folder
-    spec = importlib.util.spec_from_file_location(module_name, directory / "__init__.py",
-                                                  submodule_search_locations=[str(directory)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
-
-
-#: sqapi's optional plugin hooks beside sqAPI's ``execute``, and the keyword arguments each may name
-HOOKS: dict[str, tuple[str, ...]] = {
-    "setup": ("config", "database"),     # once per process that runs the plugin's calls, before the first
-    "teardown": ("config", "database"),  # once at stop in each process whose setup ran
-}
-
-
-def check_hooks(module: types.ModuleType) -> None:
-    """Each hook the plugin defines takes only keyword arguments it may name (checked at load, not on first use)."""
-    for name, allowed in HOOKS.items():
-        hook = getattr(module, name, None)
-        if hook is None:
-            continue
-        if not callable(hook):
-            raise TypeError(f"{name} is not a function")
-        for parameter in inspect.signature(hook).parameters.values():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                continue
-            if parameter.kind is inspect.Parameter.VAR_POSITIONAL or (
-                    parameter.name not in allowed and parameter.default is inspect.Parameter.empty):
-                raise TypeError(f"{name}{inspect.signature(hook)}: '{parameter.name}' is not something sqapi "
-                                f"hands a hook; {name} may name {', '.join(allowed)} (by name, in any order)")
-
-
-def call_hook(module: types.ModuleType | None, name: str, **available: Any) -> bool:
-    """Call hook ``name`` of ``module`` with the arguments it names; False when the plugin has none."""
-    hook = getattr(module, name, None) if module is not None else None
-    if hook is None:
-        return False
-    parameters = inspect.signature(hook).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    hook(**{key: value for key, value in available.items() if takes_all or key in parameters})
-    return True
-
-
-def _check_execute(module: types.ModuleType) -> None:
-    execute = getattr(module, "execute", None)
-    if not callable(execute):
-        raise TypeError("has no function execute(config, database, message, metadata, data)")
-    try:
-        inspect.signature(execute).bind(None, None, None, None, None)
-    except TypeError:
-        raise TypeError(f"execute{inspect.signature(execute)} cannot be called as "
-                        "execute(config, database, message, metadata, data)") from None
-
-
 def _mime_types(config: Mapping[str, Any]) -> list[str]:
     section = config.get("plugin") or {}
     if section.get("mime_types") is not None:
@@ -450,74 +351,6 @@ def _string_list(value: Any, key: str) -> list[str]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
     raise ValueError(f"{key} must be a list of strings, not {value!r}")
-
-
-def _plugin_database(plugin: Plugin, own: Mapping[str, Any], make_database: Callable[[dict[str, Any]], Any]) \
-        -> Any:
-    """The plugin's Database, its init script run: ``scripts/init.sql`` or the one its own config names."""
-    section = dict(plugin.config.get("database") or {})
-    named = init_script_of(own.get("database") or {})
-    section.pop("scripts", None)
-    section.pop("init", None)
-    if named:
-        base = plugin.directory or Path.cwd()
-        script = Path(named) if os.path.isabs(named) else base / named
-        if not script.exists():
-            raise ConfigError("database.init", f"init script '{named}' not found", f"create {script} or remove "
-                              "the key", plugin.config.source)
-        section["init"] = str(script)
-    elif plugin.directory is not None and (plugin.directory / "scripts" / "init.sql").exists():
-        section["init"] = str(plugin.directory / "scripts" / "init.sql")
-    database = make_database(section)
-    plugin.database_section = {k: v for k, v in section.items() if k != "init"}
-    try:
-        database.initialize_database()
-    except BaseException:
-        if hasattr(database, "close"):
-            database.close()
-        raise
-    return database
-
-
-def _where(database: Any) -> str | None:
-    """Where a plugin's Database is (never a password), for ``sqapi plugins``."""
-    describe = getattr(database, "describe", None)
-    if not callable(describe):
-        return None
-    try:
-        return str(describe())
-    except Exception:  # only a label
-        return None
-
-
-def _load_blueprints(plugin: Plugin) -> None:
-    if plugin.directory is None:
-        return
-    folder = ((plugin.config.get("api") or {}).get("blueprints_directory")) or "blueprints"
-    directory = plugin.directory / str(folder)
-    if not directory.is_dir():
-        return
-    for path in sorted(directory.glob("*.py")):
-        if path.name.startswith("__"):
-            continue
-        # no dots in the module name: sqAPI blueprints are written Blueprint(__name__, __name__), and
-        # Flask refuses blueprint names with dots
-        name = f"{MODULE_PREFIX}__{plugin.name}__{folder}__{path.stem}".replace("-", "_").replace(".", "_")
-        try:
-            spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            bp = getattr(module, "bp", None)
-            if bp is None or not hasattr(bp, "register"):
-                raise TypeError("does not expose bp = flask.Blueprint(...)")
-            plugin.blueprints.append(bp)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            message = f"blueprint {path.name}: {_describe_exception(exc)}"
-            plugin.blueprint_errors.append(message)
-            log.error("plugin %s: %s", plugin.name, message)
 
 
 def _execution_order(active: Iterable[Plugin]) -> list[str]:
@@ -555,9 +388,3 @@ def _execution_order(active: Iterable[Plugin]) -> list[str]:
     for name in sorted(plugins):
         visit(name, [])
     return [name for name in order if plugins[name].state == ACTIVE]
-
-
-def _describe_exception(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"

@@ -13,43 +13,57 @@ batches) and shares their status writes: the attempts in one statement, then eac
 the batch with its rows in one statement, the last plugin's rows together with the final
 statuses.  A message's plugin DONE (and its hash) is recorded before its next plugin runs, so a
 crash never re-runs a finished plugin.  The PROCESSING status goes with the first plugin rows,
-or on its own once a plugin call has run for :data:`~sqapi.core.runner.SLOW_AFTER` seconds (so a
+or on its own once a plugin call has run for :data:`~sqapi.core.calls.SLOW_AFTER` seconds (so a
 long plugin shows as PROCESSING while it runs): quick plugins cost no write of their own.  The
 calls themselves run where the plugin's ``isolation`` says (:class:`~sqapi.core.runner.PluginRunner`:
 worker processes by default); the processor only hands them over and records what comes back.
 :meth:`Processor.process` is a batch of one: there is one code path.
+
+This module is the front: the claims and the steps before the plugins (fetch, hash, mime type);
+what one attempt records is :mod:`sqapi.core.attempt`, the plugins' order, resumption and rows
+:mod:`sqapi.core.pipeline`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqapi.core.attempt import (
+    DELETE,
+    DELETED,
+    DONE,
+    FAILED,
+    MAX_REASON_CHARS,
+    PROCESS,
+    QUERYING,
+    RETRY,
+    VALIDATING,
+    PluginFailure,
+    Progress,
+    Work,
+    attempt_number,
+    conclude,
+    fail,
+)
 from sqapi.core.content import mime_type, sha256_of
-from sqapi.core.contracts import DataStore, LocalCopy, MetaStore, StatusStore
-from sqapi.core.message import Message, MessageParser, private_copy
+from sqapi.core.contracts import DataStore, MetaStore, StatusStore
+from sqapi.core.message import Message, MessageParser
 from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
-from sqapi.core.plugins import Plugin, PluginSet
-from sqapi.core.results import dump_result, result_was_omitted
-from sqapi.core.runner import Call, PluginRunner
-from sqapi.core.status import Status
-from sqapi.errors import ConnectorError, MessageError, PermanentError, PluginFailed, PluginTimeout, is_retryable
+from sqapi.core.pipeline import PluginPipeline
+from sqapi.core.plugins import PluginSet
+from sqapi.core.runner import PluginRunner
+from sqapi.errors import ConnectorError, MessageError, is_retryable
 from sqapi.errors import describe_error as describe
 from sqapi.logs import abbreviate
 
-log = logging.getLogger(__name__)
+#: re-exported: their home is sqapi.core.attempt
+__all__ = ["DELETE", "DELETED", "MAX_REASON_CHARS", "PROCESS", "PluginFailure", "Processor", "ProcessorHooks"]
 
-VALIDATING, QUERYING, PROCESSING = Status.VALIDATING, Status.QUERYING, Status.PROCESSING
-DONE, RETRY, FAILED = Status.DONE, Status.RETRY, Status.FAILED
-PROCESS, DELETE = "process", "delete"  # message actions (msg_broker.message_fields.action)
-DELETED = "deleted"  # hash_digest of a deleted message: equal to no data's sha256
-#: characters of a reason stored in a status row (``info``) at most: longer ones keep their start, length and hash
-MAX_REASON_CHARS = 2000
+log = logging.getLogger(__name__)
 
 
 class ProcessorHooks(Protocol):
@@ -60,80 +74,6 @@ class ProcessorHooks(Protocol):
     def message_finished(self, outcome: Outcome, seconds: float) -> None: ...
 
     def plugin_finished(self, plugin: str, status: str, seconds: float, reason: str | None) -> None: ...
-
-
-@dataclass
-class PluginFailure:
-    plugin: str
-    reason: str
-    retryable: bool
-
-
-#: a status to record: (message, status, info)
-_Update = tuple[Message, str, str | None]
-
-
-@dataclass(eq=False)
-class _Work:
-    """One message's attempt inside a batch."""
-
-    index: int
-    delivery: Delivery
-    message: Message
-    previous: dict[str, Any] | None = None
-    attempt: int = 1  # this attempt's number, as the status row counts them (see _attempt_number)
-    local: LocalCopy | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    path: str = os.devnull
-    resume: bool = False
-    may_retry: bool = False
-    plugins: list[Plugin] = field(default_factory=list)
-    done_before: dict[str, dict[str, Any]] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
-    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
-    failures: list[PluginFailure] = field(default_factory=list)
-    retrying: set[str] = field(default_factory=set)  # plugins that failed and will be retried
-    final: tuple[Message, str, str | None] | None = None  # the status to record
-    outcome: Outcome | None = None
-
-
-def _attempt_number(delivery: Delivery, previous: dict[str, Any] | None) -> int:
-    """This attempt's number as the ``attempts`` column counts it, so that "attempt N of M" and "gave up after N
-    attempts" say what the status row says.
-
-    Every attempt counts, a redelivery after a crash included; the delivery's own count (the
-    listener's retry header, or file name) is the floor.  Finished work starts a new count: the
-    DONE row's attempts are those of the work it finished."""
-    if previous is None or previous["status"] == DONE:
-        return delivery.attempt
-    return max(delivery.attempt, int(previous.get("attempts") or 0) + 1)
-
-
-class _Progress:
-    """A batch's PROCESSING status (with each message's data hash), until it is written.
-
-    Written with the first plugin rows, or by :meth:`write` while a plugin call takes long; the
-    final statuses supersede it.  Only the batch's worker thread uses it.
-    """
-
-    def __init__(self, database: StatusStore, running: list[_Work]) -> None:
-        self.database = database
-        self.pending: list[_Update] = [(w.message, PROCESSING, None) for w in running]
-
-    def take(self) -> list[_Update]:
-        pending, self.pending = self.pending, []
-        return pending
-
-    def write(self) -> None:
-        """Write it now; on failure keep it, to go with the next write."""
-        updates = self.take()
-        if not updates:
-            return
-        try:
-            self.database.update_messages(updates)
-        except Exception as exc:  # the next write says whether the database is back
-            self.pending = updates
-            log.warning("could not record PROCESSING for %d message(s): %s", len(updates), describe(exc))
 
 
 class Processor:
@@ -152,6 +92,7 @@ class Processor:
         self.mime_field: str | None = broker.get("mime_field") or None
         #: runs the plugin calls (worker processes, or the loader's threads): the processor only asks it
         self.runner = runner if runner is not None else PluginRunner(plugins, int(processing.get("workers") or 4))
+        self.pipeline = PluginPipeline(database, plugins, self.runner, self.max_result_bytes, self._notify_plugin)
 
     @property
     def overdue(self) -> dict[str, int]:
@@ -231,21 +172,21 @@ class Processor:
     def _process_batch(self, items: Sequence[tuple[bytes | str | Mapping[str, Any], Delivery]],
                        outcomes: list[Outcome | None]) -> None:
         """Fill ``outcomes``; raises when the batch cannot go on (outcomes already set stay recorded)."""
-        work: list[_Work] = []
+        work: list[Work] = []
         for index, (raw, delivery) in enumerate(items):
             try:
                 message = self.parser.parse(raw, delivery.id)
             except MessageError as exc:
                 outcomes[index] = self._malformed(exc, delivery)
                 continue
-            work.append(_Work(index, delivery, message))
+            work.append(Work(index, delivery, message))
         # concurrent duplicates of one uuid take turns: the later one finds the earlier one's DONE;
         # a uuid twice in one batch goes in a later round, as does one another process holds
         first_round = True
         while work:
             seen: set[str] = set()
-            now: list[_Work] = []
-            later: list[_Work] = []
+            now: list[Work] = []
+            later: list[Work] = []
             for w in work:
                 (later if w.message.uuid in seen else now).append(w)
                 seen.add(w.message.uuid)
@@ -263,7 +204,7 @@ class Processor:
             work = later
 
     # -- one attempt at several messages (distinct uuids, all claimed) ----------------------------------
-    def _attempt(self, work: list[_Work], outcomes: list[Outcome | None],
+    def _attempt(self, work: list[Work], outcomes: list[Outcome | None],
                  recorded: Mapping[str, dict[str, Any] | None] | None = None) -> None:
         """One attempt at each of ``work``; ``recorded``: the attempts are already counted (the rows as they were)."""
         if not work:
@@ -275,12 +216,12 @@ class Processor:
             previous = self.database.record_attempts([w.message for w in work], QUERYING)
         else:
             previous = [self.database.record_attempt(work[0].message, QUERYING)]
-        finals: list[_Work] = []   # outcome known, status still to write
-        running: list[_Work] = []  # plugins to run
+        finals: list[Work] = []   # outcome known, status still to write
+        running: list[Work] = []  # plugins to run
         try:
             for w, row in zip(work, previous, strict=True):
                 w.previous = row
-                w.attempt = _attempt_number(w.delivery, row)
+                w.attempt = attempt_number(w.delivery, row)
                 if w.message.action == DELETE and row is not None and row["status"] == DONE \
                         and row.get("hash_digest") == DELETED:
                     outcomes[w.index] = Outcome(w.message.uuid, DONE, Action.ACK, attempt=w.attempt,
@@ -299,29 +240,31 @@ class Processor:
             stale = [w for w in running if w.message.action == PROCESS and w.previous is not None and not w.resume]
             if stale:
                 self.database.forget_plugin_rows([w.message.uuid for w in stale])
-            # finished work taken up again (new data, a deletion) counts its attempts anew, as _attempt_number did
+            # finished work taken up again (new data, a deletion) counts its attempts anew, as attempt_number did
             restarted = {w.message.uuid: w.attempt for w in running + finals
                          if w.previous is not None and w.previous["status"] == DONE}
             if restarted:
                 self.database.restart_attempts(restarted)
             # the hash goes with the first plugin rows (or before): a crash then resumes, never re-runs
-            progress = _Progress(self.database, running)
+            progress = Progress(self.database, running)
             if any(self.runner.inline(p) for w in running for p in w.plugins):  # no time to write it later
                 self.database.update_messages(progress.take())
-            last_rows = self._run_plugins(running, progress)
+            for w in running:
+                w.may_retry = self.policy.may_retry(w.attempt)
+            last_rows = self.pipeline.run(running, progress)
         finally:
             for w in work:
                 if w.local is not None:
                     w.local.release()
         for w in running:
-            self._conclude(w)
+            conclude(w, self.policy)
         finals += running
         self.database.record_progress([w.final for w in finals if w.final is not None], last_rows, last=True)
         for w in finals:
             assert w.outcome is not None
             outcomes[w.index] = w.outcome
 
-    def _prepare(self, w: _Work) -> bool:
+    def _prepare(self, w: Work) -> bool:
         """Fetch data and metadata, hash; whether plugins are to run (else ``w.outcome``/``w.final`` are set)."""
         message, previous, delivery = w.message, w.previous, w.delivery
         was_done = previous is not None and previous["status"] == DONE
@@ -333,14 +276,14 @@ class Processor:
                                     reason=f"already done, no plugin run again (data now unavailable: "
                                            f"{describe(exc)})")
                 return False
-            self._fail(w, f"data: {describe(exc)}", is_retryable(exc), None)
+            fail(w, f"data: {describe(exc)}", is_retryable(exc), None, self.policy)
             return False
         try:
             w.metadata = self._metadata(message)
             message.hash_digest = sha256_of(w.local.path)
             message.type = message.type or mime_type(w.local.path, message.data_location, w.metadata, self.mime_field)
         except Exception as exc:
-            self._fail(w, f"metadata: {describe(exc)}", is_retryable(exc), None)
+            fail(w, f"metadata: {describe(exc)}", is_retryable(exc), None, self.policy)
             return False
         if was_done and previous is not None and previous.get("hash_digest") == message.hash_digest:
             w.outcome = Outcome(message.uuid, DONE, Action.ACK, reason="already done, no plugin run again",
@@ -351,7 +294,7 @@ class Processor:
         w.plugins = self.plugins.for_type(message.type, PROCESS)
         return True
 
-    def _prepare_delete(self, w: _Work) -> None:
+    def _prepare_delete(self, w: Work) -> None:
         """A message asking for deletion: no data is fetched; plugins with ``delete`` in ``plugin.actions`` run."""
         message = w.message
         message.type = message.type or (w.previous or {}).get("data_type")
@@ -359,15 +302,6 @@ class Processor:
         w.metadata = self._metadata_or_empty(message)
         w.path = os.devnull
         w.plugins = self.plugins.for_type(message.type, DELETE)
-
-    def _conclude(self, w: _Work) -> None:
-        if not w.failures:
-            info = "deleted" if w.message.action == DELETE else None
-            w.final = (w.message, DONE, info)
-            w.outcome = Outcome(w.message.uuid, DONE, Action.ACK, reason=info, attempt=w.attempt)
-            return
-        reason = "; ".join(f"plugin {f.plugin}: {f.reason}" for f in w.failures)
-        self._fail(w, reason, any(f.retryable for f in w.failures), w.failures[0].plugin)
 
     def _metadata_or_empty(self, message: Message) -> dict[str, Any]:
         try:
@@ -399,109 +333,6 @@ class Processor:
             message.metadata = self.meta_store.fetch(message.meta_location)
             return message.metadata
         return {}
-
-    def _fail(self, w: _Work, reason: str, retryable: bool, plugin: str | None) -> None:
-        """Set the outcome of a failed attempt, and the status to record: RETRY while attempts remain, else FAILED."""
-        attempt, message = w.attempt, w.message
-        reason = abbreviate(reason, MAX_REASON_CHARS)  # stored and logged: a plugin's exception may hold anything
-        if retryable and self.policy.may_retry(attempt):
-            delay = self.policy.delay_for(attempt)
-            info = f"attempt {attempt} of {self.policy.max_attempts} failed, retrying in {delay:g}s: {reason}"
-            w.final = (message, RETRY, info)
-            w.outcome = Outcome(message.uuid, RETRY, Action.RETRY, reason=reason, plugin=plugin, delay=delay,
-                                attempt=attempt)
-            return
-        if retryable:
-            reason = f"gave up after {attempt} attempt{'s' if attempt > 1 else ''}: {reason}"
-        w.final = (message, FAILED, reason)
-        w.outcome = Outcome(message.uuid, FAILED, Action.DEAD_LETTER, reason=reason, plugin=plugin, attempt=attempt)
-
-    def _run_plugins(self, running: list[_Work], progress: _Progress) -> list[dict[str, Any]]:
-        """Run each plugin, in order, over every message in ``running`` that it takes; record its rows at once.
-
-        The last plugin's rows are returned, not recorded: they go with the final statuses.
-
-        With ``resume``, plugins DONE in an earlier attempt on the same data are not run again
-        (their stored results are handed on), unless their result was too large to store.  A
-        plugin that runs after one that failed and will be retried waits for that retry.
-        """
-        for w in running:
-            if w.resume:
-                w.done_before = {row["plugin"]: row for row in self.database.get_plugin_rows(w.message.uuid)
-                                 if row["status"] == DONE and not result_was_omitted(row.get("result"))}
-            w.may_retry = self.policy.may_retry(w.attempt)
-        order: list[Plugin] = []
-        seen: set[str] = set()
-        for w in running:
-            for plugin in w.plugins:
-                if plugin.name not in seen:
-                    seen.add(plugin.name)
-                    order.append(plugin)
-        if len(order) > 1:  # every message's plugins are in the order of the active plugins
-            rank = {p.name: i for i, p in enumerate(self.plugins.active)}
-            order.sort(key=lambda p: rank.get(p.name, len(rank)))
-        rows: list[dict[str, Any]] = []
-        for number, plugin in enumerate(order, start=1):
-            rows = []
-            calls: list[tuple[_Work, Call]] = []
-            for w in running:
-                if any(p is plugin for p in w.plugins):
-                    prepared = self._before_run(plugin, w)
-                    if isinstance(prepared, Call):
-                        calls.append((w, prepared))
-                    elif prepared is not None:
-                        rows.append(prepared)
-            ran = self.runner.run(plugin, [call for _w, call in calls], progress.write)
-            for (w, _call), (result, error, seconds) in zip(calls, ran, strict=True):
-                rows.append(self._after_run(plugin, w, result, error, seconds))
-            if number < len(order):
-                self.database.record_progress(progress.take(), rows)
-            for _w, (_result, error, seconds) in zip(calls, ran, strict=True):
-                self._notify_plugin(plugin.name, FAILED if error else DONE, seconds, describe(error) if error else None)
-        return rows
-
-    def _before_run(self, plugin: Plugin, w: _Work) -> Call | dict[str, Any] | None:
-        """The call to make for ``plugin`` on one message, or the row to record instead (``None``: done before)."""
-        message, results, statuses = w.message, w.results, w.statuses
-        if plugin.name in w.done_before:
-            stored = w.done_before[plugin.name].get("result")
-            results[plugin.name] = json.loads(stored) if stored else None
-            statuses[plugin.name] = {"status": DONE, "info": "done in an earlier attempt"}
-            return None
-        waits_for = sorted(w.retrying) if "*" in plugin.after else sorted(w.retrying & set(plugin.after))
-        if waits_for:
-            info = f"waits for {', '.join(waits_for)}, which will be retried"
-            statuses[plugin.name] = {"status": RETRY, "info": info}
-            w.retrying.add(plugin.name)
-            return {"uuid": message.uuid, "plugin": plugin.name, "status": RETRY, "info": info}
-        wanted = results if "*" in plugin.after else plugin.after  # '*': after (and given) every other
-        own = message.copy(results={name: private_copy(results[name]) for name in wanted if name in results},
-                           plugin_statuses=private_copy(statuses))
-        return Call(own, private_copy(w.metadata), w.path)
-
-    def _after_run(self, plugin: Plugin, w: _Work, result: Any, error: BaseException | None, seconds: float) \
-            -> dict[str, Any]:
-        """Take in one plugin call's result or error; the row to record."""
-        message = w.message
-        if error is not None:
-            reason = abbreviate(describe(error), MAX_REASON_CHARS)
-            retryable = is_retryable(error)
-            if isinstance(error, PluginFailed):  # from a worker process: its traceback came as text
-                log.warning("plugin %s failed on %s: %s%s", plugin.name, message.uuid, reason,
-                            f"\n{error.details.rstrip()}" if error.details and error.retryable else "")
-            else:
-                log.warning("plugin %s failed on %s: %s", plugin.name, message.uuid, reason,
-                            exc_info=error if not isinstance(error, PermanentError | PluginTimeout) else None)
-            w.failures.append(PluginFailure(plugin.name, reason, retryable))
-            w.statuses[plugin.name] = {"status": FAILED, "info": reason}
-            if retryable and w.may_retry:
-                w.retrying.add(plugin.name)
-            return {"uuid": message.uuid, "plugin": plugin.name, "status": FAILED, "info": reason,
-                    "duration_ms": seconds * 1000.0}
-        w.results[plugin.name] = result
-        w.statuses[plugin.name] = {"status": DONE, "info": None}
-        return {"uuid": message.uuid, "plugin": plugin.name, "status": DONE, "duration_ms": seconds * 1000.0,
-                "result": dump_result(result, self.max_result_bytes)}
 
     def _notify_plugin(self, name: str, status: str, seconds: float, reason: str | None) -> None:
         for hook in self.hooks:

@@ -13,7 +13,9 @@ directory and environment, and talks to each over a socket (``FD``, framed and p
   reason, retryable, traceback, seconds, ended_at, recycle)`` -- in ``("answers", [...])``: the
   answers of quick calls go together (at most :data:`FLUSH_COUNT`, none held longer than
   :data:`FLUSH_AFTER` seconds, even while the next call runs).  With ``recycle`` (a
-  ``MemoryError``) it exits after answering, since its heap may be in no state to go on;
+  ``MemoryError``) it exits after answering, since its heap may be in no state to go on.  A
+  :class:`~sqapi.core.calls.BatchCall` (a plugin with ``execute_batch``) is one call whose
+  result is a :class:`~sqapi.core.calls.BatchAnswer`: each item's result, or its error in words;
 * ``("withdraw",)``: the calls queued and not yet started are given back at once --
   ``("withdrawn", [seq, ...])`` -- even while a call runs (a reader thread answers);
 * ``("stop",)``: it ends after the call it is running; the socket closing ends it at once.
@@ -46,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from sqapi import logs
+from sqapi.core.calls import BatchAnswer, BatchCall
+from sqapi.core.hooks import call_hook, run_execute, run_execute_batch
 from sqapi.errors import describe_error, is_retryable
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,6 @@ def main(conn: Connection) -> None:
     if spec.max_memory:
         resource.setrlimit(resource.RLIMIT_DATA, (spec.max_memory, spec.max_memory))
     from sqapi.config import Config
-    from sqapi.core.plugins import call_hook
 
     config = spec.config if isinstance(spec.config, Config) else Config(spec.config)
     try:
@@ -232,16 +235,18 @@ def _serve(conn: Connection, spec: WorkerSpec, config: Any, module: types.Module
         started = time.monotonic()
         recycle = False
         try:
-            with open(call.path, "rb") as data:
-                result = module.execute(config, database, call.message, call.metadata, data)
+            if isinstance(call, BatchCall):  # execute_batch: one outcome per item, errors as words
+                result: Any = BatchAnswer([_item_answer(outcome) for outcome in
+                                           run_execute_batch(module, config, database, call)])
+            else:
+                result = run_execute(module, config, database, call)
             reply: tuple[Any, ...] = ("done", seq, result, time.monotonic() - started, time.monotonic())
         except BaseException as exc:  # SystemExit too: a plugin calling sys.exit() fails, the worker goes on
             recycle = isinstance(exc, MemoryError)
             reason = describe_error(exc)
             if recycle and spec.max_memory:
                 reason = f"MemoryError (over plugin.max_memory, {spec.max_memory // (1 << 20)} MiB)"
-            details = logs.abbreviate("".join(traceback.format_exception(exc)), logs.MAX_TRACEBACK_CHARS)
-            reply = ("error", seq, logs.abbreviate(reason), is_retryable(exc), details,
+            reply = ("error", seq, logs.abbreviate(reason), is_retryable(exc), _traceback(exc),
                      time.monotonic() - started, time.monotonic(), recycle)
         outbox.add(reply)
         if recycle:
@@ -249,18 +254,40 @@ def _serve(conn: Connection, spec: WorkerSpec, config: Any, module: types.Module
             return
 
 
+def _item_answer(outcome: Any) -> tuple[Any, ...]:
+    """One item's outcome of an ``execute_batch``, as it goes back: an exception as its reason and traceback."""
+    if isinstance(outcome, BaseException):
+        return ("error", logs.abbreviate(describe_error(outcome)), is_retryable(outcome), _traceback(outcome))
+    return ("done", outcome)
+
+
+def _traceback(exc: BaseException) -> str:
+    return logs.abbreviate("".join(traceback.format_exception(exc)), logs.MAX_TRACEBACK_CHARS)
+
+
 def _picklable(reply: tuple[Any, ...]) -> tuple[Any, ...]:
     try:
         pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
         return reply
     except Exception as exc:
+        if reply[0] == "done" and isinstance(reply[2], BatchAnswer):  # only the items that do not pickle fail
+            answer = BatchAnswer([_picklable_item(outcome) for outcome in reply[2].outcomes])
+            return (*reply[:2], answer, *reply[3:])
         return ("error", reply[1], f"its result cannot be handed back: {describe_error(exc)}", False, "", reply[3],
                 reply[4], False)
 
 
+def _picklable_item(outcome: tuple[Any, ...]) -> tuple[Any, ...]:
+    try:
+        pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        return outcome
+    except Exception as exc:
+        return ("error", f"its result cannot be handed back: {describe_error(exc)}", False, "")
+
+
 def _load_module(spec: WorkerSpec) -> types.ModuleType:
     if spec.directory is not None:
-        from sqapi.core.plugins import import_plugin_folder
+        from sqapi.core.plugin_parts import import_plugin_folder
 
         return import_plugin_folder(spec.name, Path(spec.directory))
     assert spec.entry_point is not None

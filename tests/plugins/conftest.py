@@ -39,7 +39,7 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 
 def es_settings(es: ElasticsearchStandIn, **extra: Any) -> dict[str, Any]:
-    return {"hosts": [es.url], "batch_wait": 0.01, "backoff": 0.01, "max_retries": 2, **extra}
+    return {"hosts": [es.url], "backoff": 0.01, "max_retries": 2, **extra}
 
 
 def webhook_settings(receiver: WebhookReceiver, **extra: Any) -> dict[str, Any]:

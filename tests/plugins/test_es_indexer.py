@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from sqapi.app import Sqapi
-from sqapi.core.message import Message
 from sqapi.errors import ConnectorError, PermanentError
-from sqapi.testing import load_plugin, run_plugin
+from sqapi.testing import run_plugin
 from tests.plugins.conftest import PLUGINS, es_settings
 from tests.plugins.es_standin import ElasticsearchStandIn
+from tests.test_runner import batch, body
 
 PLUGIN = PLUGINS / "es_indexer"
 EXTRACTED = {"pdf_extractor": {"pages": 2, "chars": 11, "text": "hello\fworld", "truncated": False}}
@@ -66,25 +66,56 @@ def test_deleting_a_document_of_unknown_index_searches_every_index_of_the_patter
     assert ("POST", "/sqapi-*/_delete_by_query") in es.requests and es.count() == 0
 
 
-def test_messages_indexed_at_the_same_time_share_one_bulk_request(tmp_path: Path, es: ElasticsearchStandIn) -> None:
-    plugin = load_plugin(PLUGIN, tmp_path, config(es, batch_size=3, batch_wait=5.0))
-    assert plugin.module is not None
-    data = tmp_path / "data.bin"
-    data.write_bytes(b"x")
-    results: list[Any] = []
+def indexer_app(make_app: Callable[..., Sqapi], es: ElasticsearchStandIn, **extra: Any) -> Sqapi:
+    return make_app({"active_plugins": ["es_indexer"], "msg_broker": {"retry": {"max_attempts": 2}},
+                     **config(es, **extra)})
 
-    def index(n: int) -> None:
-        message = Message(id=str(n), uuid=f"batch-{n}", data_location=str(data), hash_digest="h")
-        with open(data, "rb") as handle:
-            results.append(plugin.module.execute(plugin.config, plugin.database, message, {}, handle))  # type: ignore[union-attr]
 
-    threads = [threading.Thread(target=index, args=(n,)) for n in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    # the third call filled the batch: one request, long before batch_wait ran out
-    assert len(results) == 3 and es.bulk_sizes == [3] and es.count() == 3
+def test_a_batch_of_messages_is_indexed_in_one_bulk_request(
+        make_app: Callable[..., Sqapi], es: ElasticsearchStandIn, write_data: Callable[..., str]) -> None:
+    app = indexer_app(make_app, es)
+    location = write_data("a.txt", "x")
+    outcomes = batch(app, [body(f"batch-{n}", location) for n in range(3)])
+    assert [o.status for o in outcomes] == ["DONE"] * 3
+    assert es.bulk_sizes == [3] and es.count() == 3  # one request for the batch, not one per message
+    for n in range(3):
+        [row] = app.database.get_plugin_rows(f"batch-{n}")
+        assert json.loads(row["result"])["id"] == f"batch-{n}"
+
+
+def test_a_batch_larger_than_batch_size_goes_in_several_bulk_requests(
+        make_app: Callable[..., Sqapi], es: ElasticsearchStandIn, write_data: Callable[..., str]) -> None:
+    app = indexer_app(make_app, es, batch_size=2)
+    location = write_data("a.txt", "x")
+    outcomes = batch(app, [body(f"big-{n}", location) for n in range(5)])
+    assert [o.status for o in outcomes] == ["DONE"] * 5
+    assert es.bulk_sizes == [2, 2, 1] and es.count() == 5
+
+
+def test_a_document_refused_in_a_batch_fails_its_message_alone(
+        make_app: Callable[..., Sqapi], es: ElasticsearchStandIn, write_data: Callable[..., str]) -> None:
+    app = indexer_app(make_app, es)
+    es.item_status["bad"] = [400]
+    es.item_status["busy"] = [429, 503, 503]  # past max_retries: retried later, alone
+    location = write_data("a.txt", "x")
+    first, bad, busy, last = batch(app, [body(name, location) for name in ("first", "bad", "busy", "last")])
+    assert (first.status, last.status) == ("DONE", "DONE")
+    assert bad.status == "FAILED" and "refused document bad (400)" in (bad.reason or "")
+    assert busy.status == "RETRY" and "answered 503 for document busy to every retry" in (busy.reason or "")
+    assert es.bulk_sizes == [4, 1, 1] and es.count() == 2
+    assert [r["uuid_ref"] for r in app.database.execute_query(
+        "SELECT uuid_ref FROM es_documents ORDER BY uuid_ref")] == ["first", "last"]
+
+
+def test_a_batch_mixing_deletions_and_documents_shares_one_request(
+        make_app: Callable[..., Sqapi], es: ElasticsearchStandIn, write_data: Callable[..., str]) -> None:
+    app = indexer_app(make_app, es)
+    location = write_data("a.txt", "x")
+    batch(app, [body("old", location)])
+    outcomes = batch(app, [{**body("old", location), "action": "delete"}, body("new", location)])
+    assert [o.status for o in outcomes] == ["DONE", "DONE"]
+    assert es.bulk_sizes == [1, 2] and es.count() == 1
+    assert [r["uuid_ref"] for r in app.database.execute_query("SELECT uuid_ref FROM es_documents")] == ["new"]
 
 
 def test_429_and_5xx_answers_are_retried_with_backoff(tmp_path: Path, es: ElasticsearchStandIn) -> None:
