@@ -118,21 +118,16 @@ def plugin_database(plugin: Plugin, own: Mapping[str, Any], make_database: Calla
     try:
         database.initialize_database()
     except BaseException:
-        if hasattr(database, "close"):
-            database.close()
+        database.close()
         raise
     return database
 
 
-def describe_database(database: Any) -> str | None:
+def describe_database(database: Any, section: dict[str, Any] | None = None) -> str | None:
     """Where a plugin's Database is (never a password), for ``sqapi plugins``."""
-    describe = getattr(database, "describe", None)
-    if not callable(describe):
-        return None
-    try:
-        return str(describe())
-    except Exception:  # only a label
-        return None
+    from sqapi import registry  # what a database type may say of itself is looked up there
+
+    return registry.where(database, section or {}) or None
 
 
 def load_blueprints(plugin: Plugin) -> None:

@@ -126,7 +126,7 @@ class Plugin:
             "max_memory": self.max_memory,
             "builtin": self.builtin,
             "shadowed": list(self.shadowed),
-            "database": describe_database(self.database),
+            "database": describe_database(self.database, self.database_section),
             "blueprint_errors": list(self.blueprint_errors),
         }
 
@@ -153,7 +153,7 @@ class PluginSet:
 
     def close(self) -> None:
         for plugin in self.plugins.values():
-            if plugin.database is not None and hasattr(plugin.database, "close"):
+            if plugin.database is not None:
                 plugin.database.close()
 
 
