@@ -15,6 +15,10 @@ measured the same way, to the commit of their row.
 * ``sqapi loader`` (a subprocess, sqapi's defaults -- ``processes: auto`` -- one no-op plugin,
   status in PostgreSQL: a fresh schema at --database-url).
 
+Both take from the same kind of queue (``--queue-type``: quorum, sqapi's default, or classic): a
+quorum queue hands a message out only once it is replicated and on disk, which a lone message
+waits for on either side.
+
 They run one after the other in a fresh vhost (created and deleted with rabbitmqctl), each after
 ``--warmup`` messages not counted.  Prints p50, p90, p99 and the mean for each, and the ratio.
 """
