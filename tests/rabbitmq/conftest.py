@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -265,25 +264,9 @@ def message(n: int | str, data_location: str = "item.txt", **metadata: Any) -> d
 
 @contextmanager
 def listening(app: Sqapi) -> Iterator[Any]:
-    """The app's listener consuming in a thread; stopped (and joined) on exit."""
-    listener = app.create_listener()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            listener.start_listeners()
-        except BaseException as exc:  # surfaced to the test below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="test-listener", daemon=True)
-    thread.start()
-    try:
+    """The app's listener consuming in a thread; stopped (and joined) on exit, its errors raised."""
+    with app.create_listener().running() as listener:
         yield listener
-    finally:
-        listener.stop()
-        thread.join(60)
-        assert not thread.is_alive(), "the listener did not stop"
-    assert not errors, errors
 
 
 @dataclass
