@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from sqapi import registry
-from sqapi.config import Config
+from sqapi.config import DEFAULT_WORKERS, Config
 from sqapi.connectors.data import DataStore
 from sqapi.connectors.db import CORE_SCRIPTS, init_script_of
 from sqapi.connectors.listeners import SqapiListener, make_listener
@@ -58,7 +58,7 @@ def validate(config: Config) -> None:
 def broker_section(config: Config) -> dict[str, Any]:
     """The ``msg_broker`` section, its ``workers`` defaulting to ``processing.workers``."""
     section = dict(config["msg_broker"])
-    section.setdefault("workers", (config.get("processing") or {}).get("workers", 4))
+    section.setdefault("workers", (config.get("processing") or {}).get("workers", DEFAULT_WORKERS))
     return section
 
 

@@ -42,6 +42,9 @@ MAPPING_TOPICS = ("msg_broker", "data_store", "meta_store", "database", "api", "
 #: The keys of the sections sqapi owns, all of them (connector sections belong to their connectors, and
 #: sqAPI configs may carry keys of their own there).  Any other key is refused with a suggestion:
 #: ``processing.wrokers: 4`` would otherwise be ignored in silence.
+#: processing.workers (msg_broker.workers) when not given: a loader's worker threads at most, and a plugin's processes
+DEFAULT_WORKERS = 4
+
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "processing": ("workers", "processes", "plugin_timeout", "max_result_bytes", "temp_dir", "metrics_port",
                    "metrics_host"),

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqapi.backoff import exponential
+from sqapi.config import DEFAULT_WORKERS
 from sqapi.core.outcome import Delivery, Outcome
 from sqapi.errors import ConnectorError
 
@@ -169,7 +170,7 @@ class Consumer:
     runs.  ``consuming`` says whether deliveries are coming in (``sqapi loader``'s liveness);
     ``sessions`` counts the opens."""
 
-    def __init__(self, transport: Transport, process_batch: ProcessBatch, workers: int = 4,
+    def __init__(self, transport: Transport, process_batch: ProcessBatch, workers: int = DEFAULT_WORKERS,
                  batch_size: int = 128, reconnect_initial: float = RECONNECT_INITIAL,
                  reconnect_max: float = RECONNECT_MAX) -> None:
         self.transport = transport

@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from sqapi.config import DEFAULT_WORKERS
 from sqapi.core.attempt import (
     DELETE,
     DELETED,
@@ -91,7 +92,8 @@ class Processor:
         self.hooks: list[ProcessorHooks] = []
         self.mime_field: str | None = broker.get("mime_field") or None
         #: runs the plugin calls (worker processes, or the loader's threads): the processor only asks it
-        self.runner = runner if runner is not None else PluginRunner(plugins, int(processing.get("workers") or 4))
+        workers = int(processing.get("workers") or DEFAULT_WORKERS)
+        self.runner = runner if runner is not None else PluginRunner(plugins, workers)
         self.pipeline = PluginPipeline(database, plugins, self.runner, self.max_result_bytes, self._notify_plugin)
 
     @property

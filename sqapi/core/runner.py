@@ -39,6 +39,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from sqapi.config import DEFAULT_WORKERS
 from sqapi.core.calls import SLOW_AFTER, BatchAnswer, BatchCall, Call, Job, Ran
 from sqapi.core.dispatch import MAX_SHARE, NEAR_MEMORY_CAP, PENDING_POLL
 from sqapi.core.hooks import call_hook
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 class PluginRunner:
     """Runs plugin calls as each plugin's ``isolation`` says; owns the worker processes and threads."""
 
-    def __init__(self, plugins: PluginSet, workers: int = 4) -> None:
+    def __init__(self, plugins: PluginSet, workers: int = DEFAULT_WORKERS) -> None:
         self.plugins = plugins
         self.default_concurrency = max(1, workers)
         self._pools: dict[str, WorkerPool] = {}

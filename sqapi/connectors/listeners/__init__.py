@@ -22,7 +22,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from sqapi.core.consumer import RECONNECT_INITIAL, RECONNECT_MAX, Consumer, Inbox, ProcessBatch, Received
+from sqapi.config import DEFAULT_WORKERS
+from sqapi.core.consumer import (
+    RECONNECT_INITIAL,
+    RECONNECT_MAX,
+    Consumer,
+    Inbox,
+    ProcessBatch,
+    Received,
+)
 from sqapi.core.outcome import Delivery, Outcome
 
 ProcessMessage = Callable[[bytes | str | Mapping[str, Any], Delivery], Outcome]
@@ -124,7 +132,7 @@ def make_listener(listener_class: Any, config: dict[str, Any], process_message: 
     ``reconnect`` its pauses after the source is lost."""
     if isinstance(listener_class, type) and issubclass(listener_class, Transport):
         reconnect = config.get("reconnect") or {}
-        return Consumer(listener_class(config), process_batch, workers=int(config.get("workers") or 4),
+        return Consumer(listener_class(config), process_batch, workers=int(config.get("workers") or DEFAULT_WORKERS),
                         batch_size=int(config.get("batch_size") or 128),
                         reconnect_initial=float(reconnect.get("initial_delay", RECONNECT_INITIAL)),
                         reconnect_max=float(reconnect.get("max_delay", RECONNECT_MAX)))

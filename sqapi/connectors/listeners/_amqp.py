@@ -32,7 +32,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import BasicProperties
 
-from sqapi.config import require_keys
+from sqapi.config import DEFAULT_WORKERS, require_keys
 from sqapi.core.outcome import RetryPolicy
 from sqapi.errors import ConfigError, ConnectorError
 
@@ -68,7 +68,7 @@ class BrokerSettings:
     delivery_limit: int = 20
     prefetch: int = 256
     heartbeat: int = 30
-    workers: int = 4
+    workers: int = DEFAULT_WORKERS
     max_body_bytes: int = 1 << 20
     max_inflight_bytes: int = 256 << 20
     confirm_timeout: float = 30.0

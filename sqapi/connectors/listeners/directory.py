@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from sqapi.config import DEFAULT_WORKERS
 from sqapi.connectors.listeners import Inbox, Received, Transport
 from sqapi.core.message import MAX_BODY_BYTES
 from sqapi.core.outcome import Action, Delivery, Outcome
@@ -70,7 +71,7 @@ class Listener(Transport):
         super().__init__(config)
         self.root = Path(str(config.get("directory") or ".sqapi/spool"))
         self.poll_interval = float(config.get("poll_interval", 0.5))
-        self.workers = int(config.get("workers") or 4)
+        self.workers = int(config.get("workers") or DEFAULT_WORKERS)
         self.handback_delay = float(config.get("handback_delay", HANDBACK_DELAY))
         self.max_body_bytes = int(config.get("max_body_bytes") or MAX_BODY_BYTES)
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
