@@ -1,4 +1,4 @@
-"""es_indexer's index template (``mappings``) and document shape (``fields``),
+"""es_indexer's index template (``mappings``) and document shape (``fields``), and ``sqapi es apply-template``,
 against the STAND-IN for Elasticsearch (tests/plugins/es_standin.py), through the app's processor."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 from sqapi.app import Sqapi
 from tests.plugins.conftest import es_settings
 from tests.plugins.es_standin import ElasticsearchStandIn
+from tests.test_cli import sqapi
 from tests.test_runner import batch, body
 
 MAPPINGS = {"properties": {"name": {"type": "text", "analyzer": "folding"}, "size": {"type": "long"},
@@ -168,3 +169,42 @@ def test_a_wrong_mappings_or_fields_fails_the_plugin_at_load_naming_the_key(
     assert plugin.state == "failed"
     assert "plugin 'es_indexer'" in (plugin.reason or "") and message in (plugin.reason or "")
     assert es.requests == []  # refused before anything was sent
+
+
+# -- sqapi es apply-template -----------------------------------------------------------------------------------
+
+def test_apply_template_sends_the_changed_template_and_exits_1_with_the_reason_when_refused(
+        write_config: Callable[..., Path], es: ElasticsearchStandIn, workdir: Path) -> None:
+    changed = {"properties": {**MAPPINGS["properties"], "size": {"type": "double"}}}
+    (workdir / "mapping.json").write_text(json.dumps({"mappings": changed, "settings": SETTINGS}), encoding="utf-8")
+    config = write_config(indexer_config(es, mappings=str(workdir / "mapping.json")))
+
+    shown = sqapi("es", "apply-template", "--show", "-c", str(config), cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["template"]["mappings"] == changed and es.requests == []
+
+    applied = sqapi("es", "apply-template", "-c", str(config), cwd=workdir)
+    assert applied.returncode == 0, applied.stderr
+    assert "index template 'sqapi' applied to sqapi-*" in applied.stdout
+    assert bodies_sent(es, "PUT", "/_index_template/sqapi") == [{
+        "index_patterns": ["sqapi-*"], "priority": 200, "template": {"mappings": changed, "settings": SETTINGS},
+        "_meta": {"managed_by": "sqapi es_indexer"}}]
+    assert es.templates["sqapi"]["template"]["mappings"]["properties"]["size"] == {"type": "double"}
+
+    (workdir / "mapping.json").write_text(json.dumps({"properties": {"name": {"type": "text", "analyzer": "nope"}}}),
+                                          encoding="utf-8")
+    refused = sqapi("es", "apply-template", "-c", str(config), cwd=workdir)
+    assert refused.returncode == 1
+    assert "Elasticsearch refused index template 'sqapi' (400): mapper_parsing_exception: Failed to parse " \
+           "mapping: analyzer [nope] has not been configured in mappings" in refused.stderr
+    assert es.templates["sqapi"]["template"]["mappings"] == changed  # the refused one replaced nothing
+
+
+def test_apply_template_without_mappings_or_an_active_indexer_says_what_to_set(
+        write_config: Callable[..., Path], es: ElasticsearchStandIn, workdir: Path) -> None:
+    no_mappings = sqapi("es", "apply-template", "-c", str(write_config(indexer_config(es))), cwd=workdir)
+    assert no_mappings.returncode == 1 and "set custom.es_indexer.mappings" in no_mappings.stderr
+    no_hosts = sqapi("es", "apply-template", "-c", str(write_config({"active_plugins": ["es_indexer"]}, "b.yml")),
+                     cwd=workdir)
+    assert no_hosts.returncode == 1 and "custom.es_indexer.hosts" in no_hosts.stderr
+    assert es.requests == []
