@@ -117,6 +117,7 @@ def main(ctx: click.Context, config_path: str | None, log_level: str | None, jso
       sqapi messages --status FAILED         what failed, and why
       sqapi status UUID                      one message with each plugin's outcome
       sqapi check                            reach every configured system
+      sqapi es apply-template                send es_indexer's changed index template to Elasticsearch
       sqapi init [DIR]                       write a production config to edit, and a plugins/ folder
       sqapi new-plugin NAME                  scaffold a working plugin with its test
     """

@@ -15,6 +15,18 @@ exists) and ``GET|POST [/<index pattern>]/_search`` with a ``match_all``, ``matc
 records each request's method, path, query parameters, Authorization header and JSON body;
 ``require_auth`` (an Authorization header value) makes every other request answer 401;
 ``fail_next_request`` makes the next requests of any kind answer the given statuses.
+
+Index templates (composable, as ES 8): ``PUT /_index_template/<name>`` is checked the way
+Elasticsearch checks one -- ``index_patterns`` present, every field type one ES knows, every
+``analyzer`` built in or declared in ``settings.analysis`` -- and refused with ES's 400
+``mapper_parsing_exception`` / ``action_request_validation_exception`` otherwise; ``GET`` reads one
+back (404 when absent).  Kept in ``self.templates``.  An index made by a bulk request takes the
+mappings of the highest-priority template matching its name (``self.mappings[index]``), and then
+refuses, per bulk item as ES does (400 ``mapper_parsing_exception``), a document whose value does
+not fit a declared field: a non-number in a numeric field, a non-boolean in ``boolean``, an
+unparsable ``date``, an object in ``text``/``keyword``, a concrete value where an ``object`` is
+mapped; ``dynamic: strict`` refuses an undeclared field (``strict_dynamic_mapping_exception``).
+Undeclared fields are otherwise accepted (ES would guess their type; the stand-in does not).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import json
 import re
 import threading
 import uuid
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl
@@ -40,6 +53,7 @@ class ElasticsearchStandIn:
         self.require_auth: str | None = None
         self.fail_next_request: list[int] = []
         self.mappings: dict[str, Any] = {}
+        self.templates: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         standin = self
 
@@ -146,6 +160,8 @@ class ElasticsearchStandIn:
             return 201, {"_index": index, "_id": doc_id, "result": "created"}
         if parts[-1] == "_search" and len(parts) <= 2 and method in ("GET", "POST"):
             return self.search(parts[0] if len(parts) == 2 else "*", _json_or_none(body) or {})
+        if len(parts) == 2 and parts[0] == "_index_template":
+            return self.index_template(method, parts[1], _json_or_none(body))
         if len(parts) == 1 and method == "PUT":
             if parts[0] in self.indices:
                 return 400, _error(400, "resource_already_exists_exception", f"index [{parts[0]}] already exists")
@@ -154,6 +170,37 @@ class ElasticsearchStandIn:
             return 200, {"acknowledged": True, "shards_acknowledged": True, "index": parts[0]}
         return 400, {"error": {"type": "illegal_argument_exception", "reason": f"stand-in has no {parts}"},
                      "status": 400}
+
+    def index_template(self, method: str, name: str, body: Any) -> tuple[int, Any]:
+        if method == "GET":
+            if name not in self.templates:
+                return 404, _error(404, "resource_not_found_exception", f"index template matching [{name}] not found")
+            return 200, {"index_templates": [{"name": name, "index_template": self.templates[name]}]}
+        if method == "DELETE":
+            return (200, {"acknowledged": True}) if self.templates.pop(name, None) is not None else \
+                (404, _error(404, "resource_not_found_exception", f"index_template [{name}] missing"))
+        if method not in ("PUT", "POST") or not isinstance(body, dict):
+            return 400, _error(400, "parse_exception", "request body is required")
+        if not body.get("index_patterns"):
+            return 400, _error(400, "action_request_validation_exception",
+                               "Validation Failed: 1: index patterns are missing;")
+        template = body.get("template") or {}
+        problem = _mapping_problem(template.get("mappings") or {}, template.get("settings") or {})
+        if problem is not None:
+            return 400, {"error": {"type": "mapper_parsing_exception", "reason": f"Failed to parse mapping: {problem}",
+                                   "caused_by": {"type": "mapper_parsing_exception", "reason": problem}},
+                         "status": 400}
+        self.templates[name] = body
+        return 200, {"acknowledged": True}
+
+    def create_index_from_templates(self, index: str) -> None:
+        """A new index, with the mappings of the highest-priority template whose patterns match its name."""
+        self.indices[index] = {}
+        matching = [t for t in self.templates.values()
+                    if any(fnmatch.fnmatch(index, p) for p in _as_list(t.get("index_patterns")))]
+        if matching:
+            best = max(matching, key=lambda t: int(t.get("priority") or 0))
+            self.mappings[index] = json.loads(json.dumps((best.get("template") or {}).get("mappings") or {}))
 
     def search(self, pattern: str, request: dict[str, Any]) -> tuple[int, Any]:
         names = pattern.split(",")
@@ -184,14 +231,20 @@ class ElasticsearchStandIn:
             if kind in ("index", "create", "update"):
                 source = lines[position]
                 position += 1
-            index, doc_id = meta.get("_index") or default_index, meta["_id"]
+            index, doc_id = str(meta.get("_index") or default_index), meta["_id"]
             forced = self.item_status.get(doc_id)
             if forced:
                 status = forced.pop(0)
                 items.append({kind: {"_index": index, "_id": doc_id, "status": status,
                                      "error": {"type": "standin_error", "reason": f"told to answer {status}"}}})
                 continue
-            docs = self.indices.setdefault(index, {})
+            if index not in self.indices:
+                self.create_index_from_templates(index)
+            docs = self.indices[index]
+            refused = None if kind == "delete" else _refusal(self.mappings.get(index), source or {}, doc_id)
+            if refused is not None:
+                items.append({kind: {"_index": index, "_id": doc_id, "status": 400, "error": refused}})
+                continue
             if kind == "delete":
                 gone = docs.pop(doc_id, None)
                 items.append({kind: {"_index": index, "_id": doc_id, "status": 200 if gone else 404,
@@ -243,3 +296,112 @@ def _matches(kind: str, clause: dict[str, Any], doc_id: str, doc: dict[str, Any]
     if kind == "match" and isinstance(wanted, str):
         return any(_words(wanted) & _words(v) for v in values if isinstance(v, str))
     return wanted in values
+
+
+# -- mappings, as far as the stand-in checks them -------------------------------------------------
+
+NUMERIC = {"long", "integer", "short", "byte", "double", "float", "half_float", "scaled_float", "unsigned_long"}
+FIELD_TYPES = NUMERIC | {"text", "keyword", "boolean", "date", "object", "nested", "binary", "ip", "flattened",
+                         "match_only_text", "wildcard", "constant_keyword", "date_nanos", "geo_point"}
+BUILTIN_ANALYZERS = {"standard", "simple", "whitespace", "stop", "keyword", "pattern", "fingerprint", "english",
+                     "french", "german"}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value] if value else []
+
+
+def _mapping_problem(mappings: dict[str, Any], settings: dict[str, Any], path: str = "") -> str | None:
+    """What Elasticsearch would refuse in a template's mappings (``None``: nothing)."""
+    analysis = (settings.get("analysis") or (settings.get("index") or {}).get("analysis") or {})
+    declared = set((analysis.get("analyzer") or {}).keys())
+    for name, field in (mappings.get("properties") or {}).items():
+        full = f"{path}{name}"
+        if not isinstance(field, dict):
+            return f"Expected map for property [fields] on field [{full}] but got a class java.lang.String"
+        kind = field.get("type", "object" if "properties" in field else None)
+        if kind is None:
+            return f"No type specified for field [{full}]"
+        if kind not in FIELD_TYPES:
+            return f"No handler for type [{kind}] declared on field [{full}]"
+        for key in ("analyzer", "search_analyzer"):
+            if key in field and field[key] not in BUILTIN_ANALYZERS | declared:
+                return f"analyzer [{field[key]}] has not been configured in mappings"
+        if "properties" in field:
+            problem = _mapping_problem(field, settings, f"{full}.")
+            if problem is not None:
+                return problem
+    return None
+
+
+def _refusal(mappings: dict[str, Any] | None, doc: dict[str, Any], doc_id: str) -> dict[str, Any] | None:
+    """The bulk item error Elasticsearch gives a document that does not fit ``mappings`` (``None``: it fits)."""
+    if not mappings:
+        return None
+    reason = _misfit(mappings, doc, doc_id, "", mappings.get("dynamic", True))
+    if reason is None:
+        return None
+    kind, text = reason
+    return {"type": kind, "reason": text, "caused_by": {"type": "illegal_argument_exception", "reason": text}}
+
+
+def _misfit(mapping: dict[str, Any], doc: dict[str, Any], doc_id: str, path: str, dynamic: Any) \
+        -> tuple[str, str] | None:
+    properties = mapping.get("properties") or {}
+    dynamic = mapping.get("dynamic", dynamic)
+    for name, value in doc.items():
+        full = f"{path}{name}"
+        field = properties.get(name)
+        if field is None:
+            if str(dynamic).lower() == "strict":
+                return ("strict_dynamic_mapping_exception",
+                        f"[1:2] mapping set to strict, dynamic introduction of [{name}] within "
+                        f"[{path.rstrip('.') or '_doc'}] is not allowed")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            problem = _value_misfit(field, item, doc_id, full, dynamic)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _value_misfit(field: dict[str, Any], value: Any, doc_id: str, full: str, dynamic: Any) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    kind = field.get("type", "object")
+    if kind in ("object", "nested"):
+        if not isinstance(value, dict):
+            return ("mapper_parsing_exception", f"object mapping for [{full}] tried to parse field [{full}] as "
+                                                "object, but found a concrete value")
+        return _misfit(field, value, doc_id, f"{full}.", dynamic)
+    if kind == "flattened":
+        return None
+    if isinstance(value, dict) or not _fits(kind, value):
+        preview = value if not isinstance(value, dict) else "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
+        return ("mapper_parsing_exception", f"failed to parse field [{full}] of type [{kind}] in document with id "
+                                            f"'{doc_id}'. Preview of field's value: '{preview}'")
+    return None
+
+
+def _fits(kind: str, value: Any) -> bool:
+    if kind in NUMERIC:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, int | float):
+            return True
+        try:
+            float(str(value))
+        except ValueError:
+            return False
+        return True
+    if kind == "boolean":
+        return isinstance(value, bool) or value in ("true", "false", "")
+    if kind in ("date", "date_nanos"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True
+        try:
+            datetime.fromisoformat(str(value))
+        except ValueError:
+            return False
+        return True
+    return True
