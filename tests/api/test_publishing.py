@@ -229,3 +229,16 @@ def test_without_the_token_nothing_is_published_or_served(client: FlaskClient, w
     assert client.get("/messages/a/metadata").status_code == 401
     assert spooled(workdir) == []
     assert [p.name for p in (workdir / "data").iterdir()] == []
+
+
+@pytest.mark.parametrize(("api", "message"), [
+    ({"max_upload_bytes": "lots"}, "api.max_upload_bytes: api.max_upload_bytes must be a size like 512MB"),
+    ({"max_uplod_bytes": 3}, "api.max_uplod_bytes: unknown key. Fix: did you mean 'max_upload_bytes'?"),
+])
+def test_a_wrong_upload_limit_stops_startup_naming_the_key(api: dict[str, Any], message: str,
+                                                           make_config: Callable[..., Any]) -> None:
+    from sqapi.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        make_config({"api": api})
+    assert message in str(refused.value)
