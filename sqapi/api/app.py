@@ -18,6 +18,7 @@ Endpoints (SPEC section 10; ``docs/api.md`` describes each)::
     GET /messages/<uuid>/data        its data from the data store (mime type, ETag = sha256, Range)
     GET /messages/<uuid>/metadata    its metadata, fetched again (from the meta store, or the posted message)
     GET /metrics           Prometheus text format
+    GET /openapi.json      the OpenAPI 3.1 document of all of these and of the plugins' endpoints
 
 With ``api.token`` set (default: ``$SQAPI_API_TOKEN``), every route but ``/health`` needs
 ``Authorization: Bearer <token>``.
@@ -35,7 +36,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Flask, Response, current_app, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
-from sqapi.api import dashboard, responding
+from sqapi.api import dashboard, openapi, responding
 from sqapi.api.health import Component, HealthCheck
 from sqapi.api.metrics import CONTENT_TYPE, Metrics
 from sqapi.api.publishing import DEFAULT_MAX_UPLOAD_BYTES, HttpPublisher, Refused, UploadRequest
@@ -111,6 +112,7 @@ def create_app(sqapi: Sqapi, listener: Any = None) -> SqapiFlask:
                              mask=mask)
 
     token = api_token(config)
+    app.config["SQAPI_TOKEN_REQUIRED"] = bool(token)
     _install_auth(app, token)
     _install_error_handlers(app)
     app.register_blueprint(core)
@@ -369,6 +371,13 @@ def message_metadata(uuid: str) -> Response:
     except (NotFound, AccessDenied) as exc:
         return responding.not_found(f"the metadata of {uuid} is not in the meta store: {exc}")
     return responding.ok(metadata)
+
+
+@core.route("/openapi.json", methods=["GET"])
+def openapi_document() -> Response:
+    app = _app()
+    plugin_of = {bp.name: plugin.name for plugin in app.sqapi.plugins.active for bp in plugin.blueprints}
+    return responding.ok(openapi.document(app, plugin_of, app.config["SQAPI_TOKEN_REQUIRED"]))
 
 
 @core.route("/metrics", methods=["GET"])
