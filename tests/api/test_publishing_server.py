@@ -78,3 +78,31 @@ def test_the_wire_refuses_an_oversized_upload_and_a_missing_token(server: Server
     spool = workdir / "spool"
     assert not spool.is_dir() or list(spool.glob("*.json")) == []
     assert server.stop() == 0, "".join(server.stderr)
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc: not Linux?")
+
+
+def test_a_large_upload_and_its_download_stay_out_of_the_api_s_memory(
+        write_config: Callable[..., Path], start_server: Callable[..., Server], workdir: Path) -> None:
+    size = 64 << 20
+    big = workdir / "big.bin"
+    with open(big, "wb") as handle:
+        for _ in range(size >> 20):
+            handle.write(hashlib.sha256(handle.name.encode()).digest() * (1 << 15))
+    server = start_server("api", "-c", str(write_config({"api": {"max_upload_bytes": "100MiB"}})))
+    assert server.get("/health").status_code == 200
+    before = peak_rss_kib(server.process.pid)
+    with open(big, "rb") as handle:
+        answer = requests.post(server.url + "/messages", timeout=120, files={"file": ("big.bin", handle)},
+                               data={"uuid_ref": "big"})
+    assert answer.status_code == 202, answer.text
+    stored = workdir / "data" / "big" / "big.bin"
+    assert stored.stat().st_size == size
+    grown = peak_rss_kib(server.process.pid) - before
+    assert grown < 24 * 1024, f"the API's peak memory grew by {grown} KiB for a {size >> 20} MiB upload"
+    assert server.stop() == 0, "".join(server.stderr)
