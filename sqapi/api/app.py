@@ -27,6 +27,7 @@ With ``api.token`` set (default: ``$SQAPI_API_TOKEN``), every route but ``/healt
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 from datetime import UTC, datetime
@@ -269,6 +270,8 @@ def messages() -> Response:
     before_uuid = request.args.get("before_uuid") or None
     rows = _app().sqapi.database.list_messages(status=status, plugin=plugin, limit=limit, before=before,
                                                before_uuid=before_uuid)
+    for row in rows:
+        row.pop("metadata", None)  # pages stay small: GET /messages/<uuid>/metadata has it
     body: dict[str, Any] = {"messages": rows, "count": len(rows), "next": None}
     if len(rows) == limit:
         last = rows[-1]
@@ -290,7 +293,18 @@ def message(uuid: str) -> Response:
     for plugin_row in plugin_rows:
         plugin_row["result"] = dashboard.decode_result(plugin_row.get("result"))
     failed = [p["plugin"] for p in plugin_rows if p["status"] == Status.FAILED]
+    row["metadata"] = decode_metadata(row.get("metadata"))
     return responding.ok({**row, "plugins": plugin_rows, "failed_plugins": failed})
+
+
+def decode_metadata(text: Any) -> Any:
+    """``messages.metadata`` (JSON text) as the object it holds; ``None`` when there is none."""
+    if text in (None, ""):
+        return None
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
 
 
 @core.route("/messages", methods=["POST"])
@@ -357,15 +371,19 @@ def message_data(uuid: str) -> Response:
 
 @core.route("/messages/<uuid>/metadata", methods=["GET"])
 def message_metadata(uuid: str) -> Response:
-    """The message's metadata, fetched again from the meta store (its ``meta_location``)."""
+    """The metadata the message's last attempt used (``messages.metadata``); for a row written before sqapi
+    kept it, fetched again from the meta store at its ``meta_location``."""
     app = _app()
     row = app.sqapi.database.get_message(uuid)
     if row is None:
         return responding.not_found(f"no message with uuid {uuid}")
+    stored = decode_metadata(row.get("metadata"))
+    if stored is not None:
+        return responding.ok(stored)
     location = row.get("meta_location")
     if not location:
-        return responding.not_found(f"message {uuid} has no meta_location: its metadata came in the message, "
-                                    "which sqapi does not keep")
+        return responding.not_found(f"no metadata recorded for message {uuid} (not fetched yet) and no "
+                                    "meta_location to fetch it from")
     try:
         metadata = app.sqapi.meta_store.fetch(str(location))
     except (NotFound, AccessDenied) as exc:

@@ -162,16 +162,40 @@ def test_data_of_an_unknown_uuid_is_404(client: FlaskClient) -> None:
     assert client.get("/messages/nobody/metadata", headers=AUTH).status_code == 404
 
 
-def test_metadata_is_fetched_again_from_the_meta_store(api: SqapiFlask, client: FlaskClient,
-                                                       write_data: Callable[[str, bytes | str], str]) -> None:
+def test_metadata_is_what_the_last_attempt_fetched_from_the_meta_store(
+        api: SqapiFlask, client: FlaskClient, workdir: Path, write_data: Callable[[str, bytes | str], str]) -> None:
     location = write_data("m.txt", "hello")
     meta = write_data("m.meta.json", json.dumps({"owner": "cy", "tags": ["a"]}))
     assert client.post("/messages", headers=AUTH, json={"uuid_ref": "meta-1", "data_location": location,
                                                         "meta_location": meta}).status_code == 202
+    assert client.get("/messages/meta-1/metadata", headers=AUTH).status_code == 404  # not processed yet
     process_spool(api)
+    (workdir / "data" / meta).write_text(json.dumps({"owner": "changed later"}))
     answer = client.get("/messages/meta-1/metadata", headers=AUTH)
     assert answer.status_code == 200
-    assert answer.get_json() == {"owner": "cy", "tags": ["a"]}
+    assert answer.get_json() == {"owner": "cy", "tags": ["a"]}  # recorded, not fetched again
+    assert status(client, "meta-1")["metadata"] == {"owner": "cy", "tags": ["a"]}
+
+
+def test_metadata_carried_by_an_upload_is_served_back(api: SqapiFlask, client: FlaskClient) -> None:
+    assert upload(client, uuid_ref="meta-2", metadata=json.dumps({"owner": "dee", "n": 2})).status_code == 202
+    process_spool(api)
+    answer = client.get("/messages/meta-2/metadata", headers=AUTH)
+    assert (answer.status_code, answer.get_json()) == (200, {"owner": "dee", "n": 2})
+    listed = client.get("/messages", headers=AUTH).get_json()["messages"]
+    assert [row for row in listed if "metadata" in row] == []  # pages stay small
+
+
+def test_a_messages_table_made_before_the_metadata_column_gets_it(
+        api: SqapiFlask, client: FlaskClient, write_data: Callable[[str, bytes | str], str]) -> None:
+    database = api.sqapi.database
+    database.execute_query("ALTER TABLE messages DROP COLUMN metadata")
+    database.initialize_message_table()
+    location = write_data("old.txt", "from before")
+    assert client.post("/messages", headers=AUTH, json={"uuid_ref": "old-1", "data_location": location,
+                                                        "metadata": {"k": "v"}}).status_code == 202
+    process_spool(api)
+    assert client.get("/messages/old-1/metadata", headers=AUTH).get_json() == {"k": "v"}
 
 
 # -- refused --------------------------------------------------------------------------------------
@@ -180,7 +204,16 @@ def raw(body: bytes | str, content_type: str = "application/json") -> dict[str, 
 
 
 def multipart(**fields: Any) -> dict[str, Any]:
+    """A multipart request; a field given as ``(bytes, name)`` is a file (a fresh stream at each use: see fresh())."""
     return {"data": fields, "content_type": "multipart/form-data"}
+
+
+def fresh(request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` with a new stream for each file: the test client closes the ones it sent."""
+    data = request["data"]
+    if isinstance(data, dict):
+        data = {k: (io.BytesIO(v[0]), v[1]) if isinstance(v, tuple) else v for k, v in data.items()}
+    return {**request, "data": data}
 
 
 MALFORMED: dict[str, tuple[dict[str, Any], int, str]] = {
@@ -198,13 +231,13 @@ MALFORMED: dict[str, tuple[dict[str, Any], int, str]] = {
     "wrong content type": (raw(b"uuid_ref=a", "application/x-www-form-urlencoded"), 415, "is not accepted"),
     "no content type": (raw(b'{"uuid_ref": "a", "data_location": "x"}', ""), 415, "is not accepted"),
     "multipart without file": (multipart(uuid_ref="a"), 400, "no data file"),
-    "metadata not JSON": (multipart(file=(io.BytesIO(b"%PDF"), "a.pdf"), metadata="{owner"), 400,
+    "metadata not JSON": (multipart(file=(b"%PDF", "a.pdf"), metadata="{owner"), 400,
                           "'metadata' is not valid JSON"),
-    "metadata JSON but no object": (multipart(file=(io.BytesIO(b"%PDF"), "a.pdf"), metadata="[1]"), 422,
+    "metadata JSON but no object": (multipart(file=(b"%PDF", "a.pdf"), metadata="[1]"), 422,
                                     "metadata must be a JSON object"),
-    "upload escaping the data store": (multipart(file=(io.BytesIO(b"%PDF"), "a.pdf"), data_location="../up.pdf"),
+    "upload escaping the data store": (multipart(file=(b"%PDF", "a.pdf"), data_location="../up.pdf"),
                                        422, "outside data_store.base_dir"),
-    "upload over the limit": (multipart(file=(io.BytesIO(b"x" * 70_000), "big.bin")), 413, ""),
+    "upload over the limit": (multipart(file=(b"x" * 70_000, "big.bin")), 413, ""),
 }
 
 
@@ -212,7 +245,7 @@ MALFORMED: dict[str, tuple[dict[str, Any], int, str]] = {
 def test_a_malformed_post_is_refused_with_its_reason_and_never_published(case: str, client: FlaskClient,
                                                                        workdir: Path) -> None:
     request, code, reason = MALFORMED[case]
-    answer = client.post("/messages", headers=AUTH, **request)
+    answer = client.post("/messages", headers=AUTH, **fresh(request))
     assert answer.status_code == code, answer.get_data(as_text=True)
     assert reason in answer.get_json()["details"]
     assert spooled(workdir) == []

@@ -13,7 +13,7 @@ import pytest
 
 from sqapi.api.app import create_app
 from sqapi.app import Sqapi
-from tests.api.test_publishing import MALFORMED, PDF
+from tests.api.test_publishing import MALFORMED, PDF, fresh
 
 from .conftest import declare, depth, listening, wait_until
 
@@ -60,7 +60,7 @@ def test_posted_messages_are_confirmed_onto_the_queue_consumed_and_served_back(
 @pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
 def test_a_refused_post_leaves_the_queue_empty(case: str, rabbit_app: Sqapi, vhost: str, workdir: Path) -> None:
     request, code, reason = MALFORMED[case]
-    answer = create_app(rabbit_app).test_client().post("/messages", headers=AUTH, **request)
+    answer = create_app(rabbit_app).test_client().post("/messages", headers=AUTH, **fresh(request))
     assert answer.status_code == code, answer.get_data(as_text=True)
     assert reason in answer.get_json()["details"]
     assert depth(vhost, "sqapi") == 0
