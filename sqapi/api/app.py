@@ -16,7 +16,7 @@ Endpoints (SPEC section 10; ``docs/api.md`` describes each)::
     GET /messages/<uuid>   one message with its per-plugin rows
     DELETE /messages/<uuid>          publish sqapi's delete action for it; 202
     GET /messages/<uuid>/data        its data from the data store (mime type, ETag = sha256, Range)
-    GET /messages/<uuid>/metadata    its metadata, fetched again (from the meta store, or the posted message)
+    GET /messages/<uuid>/metadata    the metadata its last attempt used (messages.metadata)
     GET /metrics           Prometheus text format
     GET /openapi.json      the OpenAPI 3.1 document of all of these and of the plugins' endpoints
 
