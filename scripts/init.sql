@@ -8,12 +8,16 @@ CREATE TABLE IF NOT EXISTS messages (
     meta_location TEXT,
     data_type     TEXT,
     hash_digest   TEXT,
+    metadata      TEXT,          -- JSON: the metadata the last attempt used (fetched or in the message)
     status        TEXT NOT NULL,
     info          TEXT,
     attempts      INTEGER NOT NULL DEFAULT 0,
     created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- tables made before the metadata column existed
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS metadata TEXT;
 
 CREATE INDEX IF NOT EXISTS messages_status_updated_at ON messages (status, updated_at);
 CREATE INDEX IF NOT EXISTS messages_updated_at ON messages (updated_at);

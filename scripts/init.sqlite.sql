@@ -7,6 +7,7 @@ CREATE TABLE IF NOT EXISTS messages (
     meta_location TEXT,
     data_type     TEXT,
     hash_digest   TEXT,
+    metadata      TEXT,          -- JSON: the metadata the last attempt used (fetched or in the message)
     status        TEXT NOT NULL,
     info          TEXT,
     attempts      INTEGER NOT NULL DEFAULT 0,

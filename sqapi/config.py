@@ -48,7 +48,8 @@ DEFAULT_WORKERS = 4
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "processing": ("workers", "processes", "plugin_timeout", "max_result_bytes", "temp_dir", "metrics_port",
                    "metrics_host"),
-    "api": ("host", "port", "token", "threads", "max_body_bytes", "health_timeout", "blueprints_directory"),
+    "api": ("host", "port", "token", "threads", "max_body_bytes", "max_upload_bytes", "health_timeout",
+            "blueprints_directory"),
     "msg_broker.retry": ("max_attempts", "initial_delay", "multiplier", "max_delay"),
     "msg_broker.reconnect": ("initial_delay", "max_delay"),
 }
@@ -276,6 +277,11 @@ def check_api(api: Mapping[str, Any], fail: Any) -> None:
             fail("api.port", f"must be a whole number, not {port!r}", "set api.port to a number from 0 to 65535")
         if not 0 <= port <= 65535:
             fail("api.port", f"{port} is out of range", "set api.port to a number from 0 to 65535")
+    for name in ("max_body_bytes", "max_upload_bytes"):
+        try:
+            parse_size(api.get(name), f"api.{name}")
+        except ValueError as exc:
+            fail(f"api.{name}", str(exc), f"set api.{name} to a size like 1MB or 2GiB")
     token = api.get("token")
     if token is not None and not isinstance(token, str):
         fail("api.token", f"must be a string, not a {type(token).__name__}",

@@ -51,3 +51,19 @@ def test_the_core_schema_is_created_and_can_be_created_again(tmp_path: Path) -> 
             "created_at", "updated_at"} <= columns
     plugin_columns = {r["name"] for r in db.execute_query("PRAGMA table_info(message_plugins)")}
     assert {"uuid", "plugin", "status", "info", "duration_ms", "result", "attempts", "updated_at"} <= plugin_columns
+
+
+def test_a_messages_table_made_before_the_metadata_column_gets_it_and_keeps_the_last_attempts(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    db = Database({"path": str(tmp_path / "old.db")})
+    db.execute_query("CREATE TABLE messages (uuid TEXT PRIMARY KEY, data_location TEXT, meta_location TEXT, "
+                     "data_type TEXT, hash_digest TEXT, status TEXT NOT NULL, info TEXT, "
+                     "attempts INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)")
+    db.initialize_message_table()
+    assert "metadata" in {r["name"] for r in db.execute_query("PRAGMA table_info(messages)")}
+    message = SimpleNamespace(uuid="u", data_location="d", meta_location=None, type=None, hash_digest=None,
+                              metadata={"k": "v"})
+    db.update_message(message, "DONE")
+    db.update_message(SimpleNamespace(**{**vars(message), "metadata": None}), "RETRY")  # not fetched this time
+    assert db.execute_query("SELECT metadata FROM messages WHERE uuid = 'u'") == [{"metadata": '{"k": "v"}'}]

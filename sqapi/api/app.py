@@ -12,8 +12,13 @@ Endpoints (SPEC section 10; ``docs/api.md`` describes each)::
     GET /plugins           active / unloaded / failed plugins, their blueprints and endpoints
     GET /rules             every URL rule
     GET /messages          ?status=&plugin=&limit=&before=&before_uuid= (newest first, paged)
+    POST /messages         publish a JSON message or a multipart upload (stored first); 202
     GET /messages/<uuid>   one message with its per-plugin rows
+    DELETE /messages/<uuid>          publish sqapi's delete action for it; 202
+    GET /messages/<uuid>/data        its data from the data store (mime type, ETag = sha256, Range)
+    GET /messages/<uuid>/metadata    the metadata its last attempt used (messages.metadata)
     GET /metrics           Prometheus text format
+    GET /openapi.json      the OpenAPI 3.1 document of all of these and of the plugins' endpoints
 
 With ``api.token`` set (default: ``$SQAPI_API_TOKEN``), every route but ``/health`` needs
 ``Authorization: Bearer <token>``.
@@ -22,22 +27,25 @@ With ``api.token`` set (default: ``$SQAPI_API_TOKEN``), every route but ``/healt
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from flask import Blueprint, Flask, Response, current_app, render_template, request
+from flask import Blueprint, Flask, Response, current_app, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
-from sqapi.api import dashboard, responding
+from sqapi.api import dashboard, openapi, responding
 from sqapi.api.health import Component, HealthCheck
 from sqapi.api.metrics import CONTENT_TYPE, Metrics
+from sqapi.api.publishing import DEFAULT_MAX_UPLOAD_BYTES, HttpPublisher, Refused, UploadRequest
 from sqapi.app import Sqapi
-from sqapi.config import secret_values
+from sqapi.config import parse_size, secret_values
+from sqapi.core.attempt import DELETED
 from sqapi.core.status import FINAL_STATUSES, MESSAGE_STATUSES, Status
-from sqapi.errors import ConnectorError
+from sqapi.errors import AccessDenied, ConnectorError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,7 @@ class SqapiFlask(Flask):
 
     database: dict[str, Any]
     sqapi: Sqapi
+    publisher: HttpPublisher
     metrics: Metrics
     health: HealthCheck
     registration_errors: dict[str, list[str]]
@@ -78,9 +87,16 @@ def create_app(sqapi: Sqapi, listener: Any = None) -> SqapiFlask:
     config = sqapi.config
     section = config.get("api") or {}
     app = SqapiFlask(__name__)
+    app.request_class = UploadRequest
     app.url_map.strict_slashes = False
-    app.config["MAX_CONTENT_LENGTH"] = int(section.get("max_body_bytes") or DEFAULT_MAX_BODY_BYTES)
+    max_body = parse_size(section.get("max_body_bytes"), "api.max_body_bytes") or DEFAULT_MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    app.config["MAX_FORM_MEMORY_SIZE"] = max_body  # each non-file field of an upload (e.g. its metadata)
+    app.config["SQAPI_MAX_UPLOAD_BYTES"] = \
+        parse_size(section.get("max_upload_bytes"), "api.max_upload_bytes") or DEFAULT_MAX_UPLOAD_BYTES
+    app.config["SQAPI_TEMP_DIR"] = (config.get("processing") or {}).get("temp_dir")
     app.sqapi = sqapi
+    app.publisher = HttpPublisher(config, sqapi.data_store)
     app.database = {}
     app.registration_errors = {}
     app.metrics = Metrics(sqapi.database)
@@ -97,6 +113,7 @@ def create_app(sqapi: Sqapi, listener: Any = None) -> SqapiFlask:
                              mask=mask)
 
     token = api_token(config)
+    app.config["SQAPI_TOKEN_REQUIRED"] = bool(token)
     _install_auth(app, token)
     _install_error_handlers(app)
     app.register_blueprint(core)
@@ -150,6 +167,10 @@ def _install_error_handlers(app: SqapiFlask) -> None:
     @app.errorhandler(ConnectorError)
     def unavailable(exc: ConnectorError) -> Response:
         return responding.respond({"error": "service unavailable", "details": str(exc)}, 503)
+
+    @app.errorhandler(Refused)
+    def refused(exc: Refused) -> Response:
+        return responding.respond({"error": "not published", "details": exc.reason}, exc.status)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -249,6 +270,8 @@ def messages() -> Response:
     before_uuid = request.args.get("before_uuid") or None
     rows = _app().sqapi.database.list_messages(status=status, plugin=plugin, limit=limit, before=before,
                                                before_uuid=before_uuid)
+    for row in rows:
+        row.pop("metadata", None)  # pages stay small: GET /messages/<uuid>/metadata has it
     body: dict[str, Any] = {"messages": rows, "count": len(rows), "next": None}
     if len(rows) == limit:
         last = rows[-1]
@@ -270,7 +293,109 @@ def message(uuid: str) -> Response:
     for plugin_row in plugin_rows:
         plugin_row["result"] = dashboard.decode_result(plugin_row.get("result"))
     failed = [p["plugin"] for p in plugin_rows if p["status"] == Status.FAILED]
+    row["metadata"] = decode_metadata(row.get("metadata"))
     return responding.ok({**row, "plugins": plugin_rows, "failed_plugins": failed})
+
+
+def decode_metadata(text: Any) -> Any:
+    """``messages.metadata`` (JSON text) as the object it holds; ``None`` when there is none."""
+    if text in (None, ""):
+        return None
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+
+
+@core.route("/messages", methods=["POST"])
+def post_message() -> Response:
+    """Publish a message (JSON) or an upload (multipart: the file plus the message's fields); 202."""
+    app = _app()
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        request.max_content_length = app.config["SQAPI_MAX_UPLOAD_BYTES"]
+        message, raw = app.publisher.from_upload(request.files, request.form)
+    elif mimetype == "application/json" or mimetype.endswith("+json"):
+        message, raw = app.publisher.from_json(request.get_data(cache=False))
+    elif mimetype == "text/plain" and app.publisher.parser.kind == "string":
+        message, raw = app.publisher.from_text(request.get_data(cache=False))
+    else:
+        accepted = "application/json or multipart/form-data"
+        if app.publisher.parser.kind == "string":
+            accepted += " or text/plain"
+        raise Refused(415, f"Content-Type '{mimetype or 'none'}' is not accepted: send {accepted}")
+    app.publisher.publish(message, raw)
+    return _accepted(message.uuid, message.data_location, message.action)
+
+
+@core.route("/messages/<uuid>", methods=["DELETE"])
+def delete_message(uuid: str) -> Response:
+    """Publish sqapi's delete action for ``uuid`` (``"action": "delete"``); 202."""
+    app = _app()
+    row = app.sqapi.database.get_message(uuid)
+    message, raw = app.publisher.deletion(uuid, row.get("data_location") if row else None)
+    app.publisher.publish(message, raw)
+    return _accepted(message.uuid, message.data_location, message.action)
+
+
+def _accepted(uuid: str, data_location: str, action: str) -> Response:
+    status_url = url_for("core.message", uuid=uuid)
+    answer = responding.respond({"uuid": uuid, "status_url": status_url, "data_location": data_location,
+                                 "action": action}, 202)
+    answer.headers["Location"] = status_url
+    return answer
+
+
+@core.route("/messages/<uuid>/data", methods=["GET"])
+def message_data(uuid: str) -> Response:
+    """The message's data, streamed from the data store: its mime type, ETag = its sha256, Range requests."""
+    app = _app()
+    row = app.sqapi.database.get_message(uuid)
+    if row is None:
+        return responding.not_found(f"no message with uuid {uuid}")
+    if row.get("hash_digest") == DELETED:
+        return responding.not_found(f"message {uuid} was deleted")
+    try:
+        local = app.sqapi.data_store.fetch(str(row["data_location"]))
+    except (NotFound, AccessDenied) as exc:
+        return responding.not_found(f"the data of {uuid} is not in the data store: {exc}")
+    try:
+        answer = send_file(local.path, mimetype=row.get("data_type") or "application/octet-stream",
+                           conditional=True, etag=row.get("hash_digest") or True, max_age=0)
+    except BaseException:
+        local.release()
+        raise
+    answer.call_on_close(local.release)  # a temporary copy is deleted once it is sent
+    return answer
+
+
+@core.route("/messages/<uuid>/metadata", methods=["GET"])
+def message_metadata(uuid: str) -> Response:
+    """The metadata the message's last attempt used (``messages.metadata``); for a row written before sqapi
+    kept it, fetched again from the meta store at its ``meta_location``."""
+    app = _app()
+    row = app.sqapi.database.get_message(uuid)
+    if row is None:
+        return responding.not_found(f"no message with uuid {uuid}")
+    stored = decode_metadata(row.get("metadata"))
+    if stored is not None:
+        return responding.ok(stored)
+    location = row.get("meta_location")
+    if not location:
+        return responding.not_found(f"no metadata recorded for message {uuid} (not fetched yet) and no "
+                                    "meta_location to fetch it from")
+    try:
+        metadata = app.sqapi.meta_store.fetch(str(location))
+    except (NotFound, AccessDenied) as exc:
+        return responding.not_found(f"the metadata of {uuid} is not in the meta store: {exc}")
+    return responding.ok(metadata)
+
+
+@core.route("/openapi.json", methods=["GET"])
+def openapi_document() -> Response:
+    app = _app()
+    plugin_of = {bp.name: plugin.name for plugin in app.sqapi.plugins.active for bp in plugin.blueprints}
+    return responding.ok(openapi.document(app, plugin_of, app.config["SQAPI_TOKEN_REQUIRED"]))
 
 
 @core.route("/metrics", methods=["GET"])

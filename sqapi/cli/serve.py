@@ -43,7 +43,8 @@ def api_server(app: Sqapi, listener: Any = None, host: str | None = None, port: 
     threads = int((app.config.get("api") or {}).get("threads") or 4)
     try:
         server = ApiServer(flask_app, host, port, threads=threads,
-                           max_body_bytes=flask_app.config["MAX_CONTENT_LENGTH"])
+                           max_body_bytes=max(flask_app.config["MAX_CONTENT_LENGTH"],  # the larger limit
+                                              flask_app.config["SQAPI_MAX_UPLOAD_BYTES"]))
     except OSError as exc:
         flask_app.health.close()
         raise click.ClickException(f"the API cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -21,6 +21,7 @@ provides ``execute_query`` and ``transaction()``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -168,6 +169,7 @@ ON_MESSAGE_CONFLICT = """ON CONFLICT (uuid) DO UPDATE SET
     meta_location = COALESCE(excluded.meta_location, messages.meta_location),
     data_type = COALESCE(excluded.data_type, messages.data_type),
     hash_digest = COALESCE(excluded.hash_digest, messages.hash_digest),
+    metadata = COALESCE(excluded.metadata, messages.metadata),
     status = excluded.status,
     info = excluded.info,
     attempts = messages.attempts + excluded.attempts,
@@ -175,9 +177,9 @@ ON_MESSAGE_CONFLICT = """ON CONFLICT (uuid) DO UPDATE SET
 """
 
 _UPSERT_MESSAGE = f"""
-INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, status, info,
+INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, metadata, status, info,
                       attempts, created_at, updated_at)
-VALUES (%(uuid)s, %(data_location)s, %(meta_location)s, %(data_type)s, %(hash_digest)s, %(status)s,
+VALUES (%(uuid)s, %(data_location)s, %(meta_location)s, %(data_type)s, %(hash_digest)s, %(metadata)s, %(status)s,
         %(info)s, %(attempts)s, %(now)s, %(now)s)
 {ON_MESSAGE_CONFLICT}"""
 
@@ -410,6 +412,17 @@ class StatusStore:
         return {row["status"]: int(row["n"]) for row in rows}
 
 
+def metadata_text(message: Any) -> str | None:
+    """The message's metadata as JSON text for ``messages.metadata`` (``None``: not known yet, the stored one kept).
+
+    The processor sets ``message.metadata`` when it fetches it, so the final status of an attempt
+    records the metadata that attempt used."""
+    metadata = getattr(message, "metadata", None)
+    if metadata is None:
+        return None
+    return json.dumps(metadata, default=str, ensure_ascii=False)
+
+
 def _message_params(message: Any, status: str, info: str | None, attempts: int) -> dict[str, Any]:
     return {
         "uuid": message.uuid,
@@ -417,6 +430,7 @@ def _message_params(message: Any, status: str, info: str | None, attempts: int) 
         "meta_location": getattr(message, "meta_location", None),
         "data_type": getattr(message, "type", None),
         "hash_digest": getattr(message, "hash_digest", None),
+        "metadata": metadata_text(message),
         "status": status,
         "info": info,
         "attempts": attempts,

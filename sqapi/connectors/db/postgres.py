@@ -64,6 +64,7 @@ from sqapi.connectors.db import (
     STATUS_TABLES,
     StatusStore,
     load_script,
+    metadata_text,
     utcnow,
 )
 from sqapi.connectors.db import _embedded as embedded_server
@@ -80,6 +81,13 @@ _PARAMETER = re.compile(r"%\(\w+\)s|%%")
 _CREATE_INDEX_IF_NOT_EXISTS = re.compile(
     r'\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?IF\s+NOT\s+EXISTS\s+("(?:[^"]|"")+"|[A-Za-z_][\w$]*)'
     r'\s+ON\s+(?:ONLY\s+)?(?!\S*\.)',  # not on a table in another schema: to_regclass looks in ours
+    re.IGNORECASE)
+#: ``ALTER TABLE name ADD [COLUMN] IF NOT EXISTS column ...`` (one ADD, unquoted names): PostgreSQL takes the
+#: table's ACCESS EXCLUSIVE lock before it looks for the column -- the same wait and deadlock as above, worse.
+#: execute_script skips it when the column is there.
+_ADD_COLUMN_IF_NOT_EXISTS = re.compile(
+    r'\s*ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?([A-Za-z_][\w$]*)\s+'
+    r'ADD\s+(?:COLUMN\s+)?IF\s+NOT\s+EXISTS\s+([A-Za-z_][\w$]*)\s',
     re.IGNORECASE)
 #: advisory lock namespaces (the two-int key space): schema set-up, and one lock per message uuid
 _LOCK_INIT, _LOCK_UUID = 0x5A9A, 0x5A9B
@@ -243,12 +251,13 @@ SELECT old.* FROM old
 
 #: update_messages: several messages' statuses in one statement (distinct uuids); as StatusStore's upsert
 _UPDATE_MESSAGES = f"""
-INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, status, info, attempts,
+INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, metadata, status, info, attempts,
                       created_at, updated_at)
-SELECT uuid, data_location, meta_location, data_type, hash_digest, status, info, 0,
+SELECT uuid, data_location, meta_location, data_type, hash_digest, metadata, status, info, 0,
        %(now)s::timestamptz, %(now)s::timestamptz
 FROM json_to_recordset(%(rows)s::json)
-    AS t(uuid text, data_location text, meta_location text, data_type text, hash_digest text, status text, info text)
+    AS t(uuid text, data_location text, meta_location text, data_type text, hash_digest text, metadata text,
+         status text, info text)
 {ON_MESSAGE_CONFLICT}"""
 
 #: update_plugins: several plugin rows in one statement (distinct (uuid, plugin) pairs)
@@ -700,11 +709,23 @@ class Database(StatusStore):
                 if index and self._run("SELECT to_regclass(%(name)s) IS NOT NULL AS found", {"name": index.group(1)},
                                        where)[0]["found"]:  # type: ignore[index]
                     continue  # there already: do not lock its table (see _CREATE_INDEX_IF_NOT_EXISTS)
+                if statement.ddl and self._column_there(statement.text, where):
+                    continue  # there already: do not lock its table (see _ADD_COLUMN_IF_NOT_EXISTS)
                 result = self._run(statement.text, {k: v for k, v in kwargs.items() if k in statement.parameters},
                                    where)
                 if result is not None:
                     rows = result
         return rows
+
+    def _column_there(self, statement: str, where: str) -> bool:
+        """Whether ``statement`` adds one column ``IF NOT EXISTS`` that the table (in our schema) already has."""
+        found = _ADD_COLUMN_IF_NOT_EXISTS.match(statement)
+        if found is None or len(re.findall(r"\bADD\b", statement, re.IGNORECASE)) != 1:
+            return False
+        rows = self._run("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+                         "current_schema() AND table_name = %(table)s AND column_name = %(column)s) AS found",
+                         {"table": found.group(1).lower(), "column": found.group(2).lower()}, where)
+        return bool(rows and rows[0]["found"])
 
     def execute_query(self, query: str, **kwargs: Any) -> list[dict[str, Any]]:
         """One statement: inside the thread's transaction when there is one, else committed on its own."""
@@ -818,7 +839,8 @@ class Database(StatusStore):
                  "duration_ms": row.get("duration_ms"), "result": row.get("result")} for row in rows])}))
         if updates:
             statements.append((_UPDATE_MESSAGES, {"now": now, "rows": _json_rows(
-                [m for m, _s, _i in updates], [{"status": status, "info": info} for _m, status, info in updates])}))
+                [m for m, _s, _i in updates],
+                [{"status": status, "info": info, "metadata": metadata_text(m)} for m, status, info in updates])}))
         if not statements:
             return
         with self._bound() as bound:

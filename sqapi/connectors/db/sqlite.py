@@ -103,6 +103,14 @@ class Database(StatusStore):
         self.execute_query("SELECT 1 AS ok")
 
     # -- sqAPI's contract ---------------------------------------------------------------------
+    def initialize_message_table(self) -> None:
+        """The core schema, and the columns later releases added to a ``messages`` made before them
+        (SQLite has no ``ADD COLUMN IF NOT EXISTS``)."""
+        super().initialize_message_table()
+        columns = {row["name"] for row in self.execute_query("PRAGMA table_info(messages)")}
+        if "metadata" not in columns:
+            self.execute_query("ALTER TABLE messages ADD COLUMN metadata TEXT")
+
     def execute_script(self, path: str, **kwargs: Any) -> list[dict[str, Any]]:
         """Run every statement of the script at ``path``; the rows of the last one that returns rows.
 

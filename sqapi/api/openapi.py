@@ -1,0 +1,212 @@
+"""The OpenAPI 3.1 document of the API, served at ``/openapi.json``.
+
+The core routes are described here by hand, with the JSON Schemas (2020-12, as OpenAPI 3.1 uses)
+of what they answer; ``tests/api/test_openapi.py`` checks real answers against them and that
+every URL rule the app serves is in the document.  Plugin blueprints are listed from the app's
+URL map with what they declare -- path, parameters, methods, the plugin's name -- and no schema,
+since a plugin says nothing more about its answers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flask import Flask
+
+from sqapi import __version__ as version
+
+_ARGUMENT = re.compile(r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\([^)]*\))?:)?(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)>")
+_CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {"int": {"type": "integer"}, "float": {"type": "number"},
+                                                  "uuid": {"type": "string", "format": "uuid"}}
+_HIDDEN_METHODS = {"HEAD", "OPTIONS"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {"type": "object", "required": ["error", "details"],
+              "properties": {"error": {"type": "string"}, "details": {}}},
+    "Component": {"type": "object", "required": ["state", "type"],
+                  "properties": {"state": {"enum": ["up", "down"]}, "type": {"type": "string"},
+                                 "latency_ms": {"type": "number"}, "error": {"type": "string"}}},
+    "Health": {"type": "object", "required": ["status", "down", "components"],
+               "properties": {"status": {"enum": ["up", "down"]},
+                              "down": {"type": "array", "items": {"type": "string"}},
+                              "components": {"type": "object", "additionalProperties": _ref("Component")}}},
+    "Rule": {"type": "object", "required": ["function", "endpoint", "arguments", "methods"],
+             "properties": {"function": {"type": "string"}, "endpoint": {"type": "string"},
+                            "arguments": {"type": "array", "items": {"type": "string"}},
+                            "methods": {"type": "array", "items": {"type": "string"}}}},
+    "Plugin": {"type": "object", "required": ["name", "status", "state", "blueprints", "blueprint_errors"],
+               "properties": {"name": {"type": "string"}, "status": {"enum": ["active", "unloaded", "failed"]},
+                              "state": {"type": "string"}, "reason": {"type": ["string", "null"]},
+                              "error": {"type": "string"},
+                              "blueprints": {"type": "array", "items": {"type": "object"}},
+                              "blueprint_errors": {"type": "array", "items": {"type": "string"}}}},
+    "MessageRow": {"type": "object", "required": ["uuid", "status"],
+                   "properties": {"uuid": {"type": "string"},
+                                  "status": {"enum": ["VALIDATING", "QUERYING", "PROCESSING", "DONE", "RETRY",
+                                                      "FAILED"]},
+                                  "data_location": {"type": ["string", "null"]},
+                                  "meta_location": {"type": ["string", "null"]},
+                                  "data_type": {"type": ["string", "null"]},
+                                  "hash_digest": {"type": ["string", "null"]},
+                                  "metadata": {"type": ["object", "null"]},
+                                  "info": {"type": ["string", "null"]},
+                                  "attempts": {"type": "integer"},
+                                  "created_at": {"type": "string"}, "updated_at": {"type": "string"}}},
+    "PluginRow": {"type": "object", "required": ["plugin", "status"],
+                  "properties": {"plugin": {"type": "string"}, "status": {"type": "string"},
+                                 "info": {"type": ["string", "null"]},
+                                 "duration_ms": {"type": ["number", "null"]}, "result": {},
+                                 "attempts": {"type": "integer"}}},
+    "Message": {"allOf": [_ref("MessageRow"), {
+        "type": "object", "required": ["plugins", "failed_plugins"],
+        "properties": {"plugins": {"type": "array", "items": _ref("PluginRow")},
+                       "failed_plugins": {"type": "array", "items": {"type": "string"}}}}]},
+    "MessagePage": {"type": "object", "required": ["messages", "count", "next"],
+                    "properties": {"messages": {"type": "array", "items": _ref("MessageRow")},
+                                   "count": {"type": "integer", "minimum": 0},
+                                   "next": {"type": ["string", "null"]}}},
+    "SqapiMessage": {"type": "object", "description": "A sqAPI message; keys as msg_broker.message_fields says "
+                                                      "(defaults shown), matched case-insensitively.",
+                     "properties": {"uuid_ref": {"type": ["string", "integer"]},
+                                    "data_location": {"type": "string"}, "meta_location": {"type": "string"},
+                                    "data_type": {"type": "string"},
+                                    "metadata": {"type": ["object", "string"]},
+                                    "action": {"enum": ["process", "delete"]}}},
+    "Upload": {"type": "object", "required": ["file"],
+               "properties": {"file": {"type": "string", "contentMediaType": "application/octet-stream"},
+                              "uuid_ref": {"type": "string"}, "data_location": {"type": "string"},
+                              "data_type": {"type": "string"}, "meta_location": {"type": "string"},
+                              "metadata": {"type": "string", "contentMediaType": "application/json"}}},
+    "Accepted": {"type": "object", "required": ["uuid", "status_url", "data_location", "action"],
+                 "properties": {"uuid": {"type": "string"}, "status_url": {"type": "string"},
+                                "data_location": {"type": "string"}, "action": {"enum": ["process", "delete"]}}},
+}
+
+_UUID = {"name": "uuid", "in": "path", "required": True, "schema": {"type": "string"}}
+_REFUSED = {"400": _error("not JSON, not UTF-8, no file in a multipart post, its metadata no JSON"),
+            "409": _error("an upload's data_location holds other content"),
+            "413": _error("over api.max_body_bytes, api.max_upload_bytes or msg_broker.max_body_bytes"),
+            "415": _error("neither application/json nor multipart/form-data"),
+            "422": _error("refused by the loader's message parser (the reason says why)"),
+            "501": _error("the data store cannot store uploads, or the listener type cannot publish"),
+            "503": _error("the broker or the data store is down, or did not confirm")}
+
+
+def _core_paths() -> dict[str, dict[str, Any]]:
+    return {
+        "/health": {"get": {"summary": "Each component's state", "operationId": "health", "security": [],
+                            "responses": {"200": _json(_ref("Health"), "all up"),
+                                          "503": _json(_ref("Health"), "one or more down")}}},
+        "/plugins": {"get": {"summary": "Active, unloaded and failed plugins", "operationId": "plugins",
+                             "responses": {"200": _json({"type": "array", "items": _ref("Plugin")}, "the plugins")}}},
+        "/rules": {"get": {"summary": "Every URL rule", "operationId": "rules",
+                           "responses": {"200": _json({"type": "array", "items": _ref("Rule")}, "the rules")}}},
+        "/messages": {
+            "get": {"summary": "Messages, newest first, paged", "operationId": "list_messages",
+                    "parameters": [
+                        {"name": "status", "in": "query", "schema": {"type": "string"}},
+                        {"name": "plugin", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                    "maximum": 1000}},
+                        {"name": "before", "in": "query", "schema": {"type": "string"}},
+                        {"name": "before_uuid", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": _json(_ref("MessagePage"), "a page of messages"),
+                                  "400": _error("a bad parameter")}},
+            "post": {"summary": "Publish a message (JSON) or an upload (multipart, stored first)",
+                     "operationId": "post_message",
+                     "requestBody": {"required": True, "content": {
+                         "application/json": {"schema": _ref("SqapiMessage")},
+                         "multipart/form-data": {"schema": _ref("Upload")}}},
+                     "responses": {"202": {**_json(_ref("Accepted"), "published (confirmed by the broker)"),
+                                           "headers": {"Location": {"schema": {"type": "string"}}}},
+                                   **_REFUSED}}},
+        "/messages/{uuid}": {
+            "get": {"summary": "One message with its per-plugin rows", "operationId": "message",
+                    "parameters": [_UUID],
+                    "responses": {"200": _json(_ref("Message"), "the message"), "404": _error("unknown uuid")}},
+            "delete": {"summary": "Publish sqapi's delete action for the message", "operationId": "delete_message",
+                       "parameters": [_UUID],
+                       "responses": {"202": _json(_ref("Accepted"), "published"),
+                                     **{k: v for k, v in _REFUSED.items() if k in ("422", "501", "503")}}}},
+        "/messages/{uuid}/data": {"get": {
+            "summary": "The message's data from the data store (Range, ETag = sha256)", "operationId": "message_data",
+            "parameters": [_UUID, {"name": "Range", "in": "header", "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "the data, with its mime type", "content": {"*/*": {}},
+                        "headers": {"ETag": {"schema": {"type": "string"}},
+                                    "Content-Length": {"schema": {"type": "integer"}}}},
+                "206": {"description": "the requested range", "content": {"*/*": {}}},
+                "304": {"description": "not modified (If-None-Match)"},
+                "404": _error("unknown uuid, deleted, or not in the data store"),
+                "416": {"description": "the range is not satisfiable"}}}},
+        "/messages/{uuid}/metadata": {"get": {
+            "summary": "The metadata the message's last attempt used", "operationId": "message_metadata",
+            "parameters": [_UUID],
+            "responses": {"200": _json({"type": "object"}, "the metadata"),
+                          "404": _error("unknown uuid, or no metadata recorded yet")}}},
+        "/metrics": {"get": {"summary": "Prometheus text format", "operationId": "metrics",
+                             "responses": {"200": {"description": "the metrics",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
+                                  "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")}}},
+        "/": {"get": {"summary": "The dashboard", "operationId": "index",
+                      "responses": {"200": {"description": "HTML",
+                                            "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def openapi_path(rule: str) -> str:
+    """A werkzeug rule as an OpenAPI path: ``/x/<int:n>`` -> ``/x/{n}``."""
+    return _ARGUMENT.sub(lambda m: "{" + m.group("name") + "}", rule)
+
+
+def document(app: Flask, plugin_of: dict[str, str], token_required: bool) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``app``; ``plugin_of`` maps blueprint names to their plugin's name."""
+    paths = _core_paths()
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        blueprint = rule.endpoint.rpartition(".")[0]
+        if rule.endpoint == "static" or blueprint == "core":
+            continue
+        path = paths.setdefault(openapi_path(rule.rule), {})
+        parameters = [{"name": m.group("name"), "in": "path", "required": True,
+                       "schema": _CONVERTER_SCHEMAS.get(m.group("converter") or "", {"type": "string"})}
+                      for m in _ARGUMENT.finditer(rule.rule)]
+        plugin = plugin_of.get(blueprint)
+        for method in sorted((rule.methods or set()) - _HIDDEN_METHODS):
+            path[method.lower()] = {
+                "summary": f"{rule.endpoint} (plugin {plugin})" if plugin else rule.endpoint,
+                "operationId": rule.endpoint + ("" if method == "GET" else f".{method.lower()}"),
+                "tags": [plugin or blueprint or "other"],
+                "parameters": parameters,
+                "responses": {"default": {"description": "as the plugin's blueprint answers (it declares no schema)"}},
+            }
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "sqapi", "version": version,
+                 "description": "sqapi's HTTP API: health, plugins, message status, publishing over HTTP, "
+                                "each message's data and metadata, metrics, and every plugin's endpoints."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+    if token_required:
+        doc["security"] = [{"bearer": []}]
+    else:
+        for item in paths.values():
+            for operation in item.values():
+                operation.pop("security", None)
+    return doc
