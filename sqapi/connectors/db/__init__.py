@@ -420,7 +420,7 @@ def metadata_text(message: Any) -> str | None:
     metadata = getattr(message, "metadata", None)
     if metadata is None:
         return None
-    return json.dumps(metadata, default=str, ensure_ascii=False)
+    return json.dumps(metadata, default=str)  # ASCII: a lone surrogate from a meta store cannot break the write
 
 
 def _message_params(message: Any, status: str, info: str | None, attempts: int) -> dict[str, Any]:
