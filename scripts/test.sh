@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, type check, pytest, then the wheel smoke test.
+# The whole test suite: lint, type check, pytest, schemathesis against a live `sqapi api`, then the wheel
+# smoke test.
 #
 # PostgreSQL, Redis and RabbitMQ must answer on 127.0.0.1 (5432, 6379, 5672): where one does not,
 # scripts/services.sh starts it (installing it from Debian's packages if missing), and whatever
@@ -36,5 +37,7 @@ echo "== mypy"
 $BIN/mypy
 echo "== pytest"
 $BIN/python -m pytest -q -p no:cacheprovider "$@"
+echo "== schemathesis (the HTTP API against its OpenAPI document)"
+bash scripts/schemathesis.sh
 echo "== wheel"
 bash scripts/wheel_smoke.sh

@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request, send_file, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from sqapi.api import dashboard, openapi, responding
 from sqapi.api.health import Component, HealthCheck
@@ -152,8 +152,9 @@ def _install_auth(app: SqapiFlask, token: str) -> None:
 
     @app.before_request
     def require_token() -> Response | None:
-        if request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
-            return None
+        if request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS" \
+                or isinstance(request.routing_exception, MethodNotAllowed):
+            return None  # a method the route does not take is a 405, token or not
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
             return None
@@ -174,8 +175,12 @@ def _install_error_handlers(app: SqapiFlask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        return responding.respond({"error": (exc.name or "error").lower(), "details": exc.description},
-                                  exc.code or 500)
+        answer = responding.respond({"error": (exc.name or "error").lower(), "details": exc.description},
+                                    exc.code or 500)
+        for name, value in exc.get_headers():  # a 405's Allow, a 416's Content-Range, ...
+            if name.lower() != "content-type":
+                answer.headers[name] = value
+        return answer
 
 
 def _register_plugin_blueprints(app: SqapiFlask, sqapi: Sqapi) -> None:
@@ -267,6 +272,11 @@ def messages() -> Response:
     limit = int(raw_limit)
     plugin = request.args.get("plugin") or None
     before = request.args.get("before") or None
+    if before is not None:
+        try:  # the cursor a "next" link carries: an ISO 8601 time (else the database would refuse it: a 500)
+            before = datetime.fromisoformat(before).isoformat()
+        except ValueError:
+            return responding.invalid_request("before must be an ISO 8601 time, as a page's 'next' link gives")
     before_uuid = request.args.get("before_uuid") or None
     rows = _app().sqapi.database.list_messages(status=status, plugin=plugin, limit=limit, before=before,
                                                before_uuid=before_uuid)

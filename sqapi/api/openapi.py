@@ -205,6 +205,11 @@ def document(app: Flask, plugin_of: dict[str, str], token_required: bool) -> dic
     }
     if token_required:
         doc["security"] = [{"bearer": []}]
+        for item in paths.values():
+            for operation in item.values():
+                if operation.get("security") != []:
+                    operation["responses"].setdefault("401", _error("no API token, or a wrong one "
+                                                                     "(Authorization: Bearer <api.token>)"))
     else:
         for item in paths.values():
             for operation in item.values():

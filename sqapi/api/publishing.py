@@ -11,6 +11,7 @@ RabbitMQ with publisher confirms, or the spool folder), publishes, and closes it
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -94,7 +95,8 @@ class HttpPublisher:
                 upload = next(iter(files.values()))
             else:
                 raise Refused(400, f"no data file: send it as the multipart field '{FILE_FIELD}'")
-        lowered = {name.lower(): value for name, value in form.items()}
+        # a part without a name (werkzeug gives it None) is no field of the message
+        lowered = {name.lower(): value for name, value in form.items() if isinstance(name, str)}
         body: dict[str, Any] = {}
         for name in ("uuid", "data_location", "meta_location", "type"):
             value = lowered.get(self.keys[name].lower())
@@ -129,9 +131,15 @@ class HttpPublisher:
                                f"yourself and post a JSON message with its {self.keys['data_location']}") from None
         except AccessDenied as exc:
             raise Refused(409 if "exists" in str(exc) else 422, f"the data store refused the file: {exc}") from None
-        except (SqapiError, OSError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise Refused(503, f"the data store could not store the file: {reason}") from None
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:  # another upload took that location with other content meanwhile
+                raise Refused(409, f"the data store refused the file: {exc.strerror or exc}") from None
+            if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):  # the location, not the store
+                raise Refused(422, f"the data store cannot store a file as that {self.keys['data_location']}: "
+                                   f"{exc.strerror or exc}") from None
+            raise Refused(503, f"the data store could not store the file: {exc.strerror or exc}") from None
+        except SqapiError as exc:
+            raise Refused(503, f"the data store could not store the file: {exc}") from None
         finally:
             if owned:
                 os.unlink(path)
