@@ -19,6 +19,7 @@ Endpoints (SPEC section 10; ``docs/api.md`` describes each)::
     GET /messages/<uuid>/metadata    the metadata its last attempt used (messages.metadata)
     GET /metrics           Prometheus text format
     GET /openapi.json      the OpenAPI 3.1 document of all of these and of the plugins' endpoints
+    GET /openapi           that document rendered as a page
 
 With ``api.token`` set (default: ``$SQAPI_API_TOKEN``), every route but ``/health`` needs
 ``Authorization: Bearer <token>``.
@@ -406,6 +407,16 @@ def openapi_document() -> Response:
     app = _app()
     plugin_of = {bp.name: plugin.name for plugin in app.sqapi.plugins.active for bp in plugin.blueprints}
     return responding.ok(openapi.document(app, plugin_of, app.config["SQAPI_TOKEN_REQUIRED"]))
+
+
+@core.route("/openapi", methods=["GET"])
+def openapi_page() -> Response:
+    """The same document, rendered for people (server-side, nothing loaded from elsewhere)."""
+    app = _app()
+    plugin_of = {bp.name: plugin.name for plugin in app.sqapi.plugins.active for bp in plugin.blueprints}
+    doc = openapi.document(app, plugin_of, app.config["SQAPI_TOKEN_REQUIRED"])
+    return Response(render_template("openapi.html", doc=doc, json_url=url_for("core.openapi_document")),
+                    status=200, content_type="text/html; charset=utf-8")
 
 
 @core.route("/metrics", methods=["GET"])

@@ -91,3 +91,15 @@ def test_real_answers_match_their_documented_schemas(processed: Processed, docum
     ]
     for method, path, template, expected, request in cases:
         check_answer(document, client, method, path, template, expected, **request)
+
+
+def test_the_rendered_page_shows_every_operation_of_the_document(processed: Processed,
+                                                                 document: dict[str, Any]) -> None:
+    page = processed.client.get("/openapi")
+    assert page.status_code == 200 and page.content_type.startswith("text/html")
+    html = page.get_data(as_text=True)
+    operations = [op for item in document["paths"].values() for op in item.values()]
+    assert len(operations) > 10
+    missing = [op["operationId"] for op in operations if f'id="{op["operationId"]}"' not in html]
+    assert missing == []
+    assert 'href="/openapi.json"' in html and "<script" not in html
