@@ -293,3 +293,25 @@ def test_what_schemathesis_found_answers_as_documented(client: FlaskClient, work
     for token in ({}, AUTH):
         traced = client.open("/health", method="TRACE", headers=token)
         assert traced.status_code == 405 and "GET" in traced.headers["Allow"]
+
+
+def test_an_uploaded_pdf_has_its_text_indexed_in_elasticsearch(
+        make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], es: Any, workdir: Path) -> None:
+    """The whole journey: posted over HTTP, stored, published, processed, its text extracted and indexed (in
+    the STAND-IN FOR ELASTICSEARCH of tests/plugins/es_standin.py), and its bytes served back."""
+    from tests.plugins.conftest import es_settings
+
+    write_plugin("counter", COUNTER)
+    sqapi = make_app({**CONFIG, "active_plugins": ["pdf_extractor", "es_indexer"],
+                      "custom": {"es_indexer": es_settings(es)}})
+    api = create_app(sqapi)
+    client = api.test_client()
+    assert upload(client, uuid_ref="indexed-1", metadata=json.dumps({"owner": "ann"})).status_code == 202
+    process_spool(api)
+    row = status(client, "indexed-1")
+    assert row["status"] == "DONE" and {p["plugin"] for p in row["plugins"]} == {"pdf_extractor", "es_indexer"}
+    document = es.document("indexed-1")
+    assert document is not None, es.indices
+    assert "Page two: its text is extracted by pdf_extractor." in document["text"]
+    served = client.get("/messages/indexed-1/data", headers=AUTH)
+    assert hashlib.sha256(served.data).hexdigest() == hashlib.sha256(PDF).hexdigest()
