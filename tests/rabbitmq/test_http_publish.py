@@ -13,6 +13,7 @@ import pytest
 
 from sqapi.api.app import create_app
 from sqapi.app import Sqapi
+from tests.api.conftest import start_server as start_server  # noqa: F401  (a fixture, used by name)
 from tests.api.test_publishing import MALFORMED, PDF, fresh
 
 from .conftest import declare, depth, listening, wait_until
@@ -71,3 +72,40 @@ def test_without_the_token_nothing_reaches_the_queue(rabbit_app: Sqapi, vhost: s
     assert client.post("/messages", json={"uuid_ref": "a", "data_location": "x"}).status_code == 401
     assert client.delete("/messages/a").status_code == 401
     assert depth(vhost, "sqapi") == 0
+
+
+def test_over_the_wire_a_json_post_and_a_pdf_upload_end_done_indexed_and_served_back(
+        broker: dict[str, Any], vhost: str, pg_section: dict[str, Any], es: Any, workdir: Path,
+        write_config: Callable[..., Path], start_server: Callable[..., Any]) -> None:
+    """``sqapi run`` (waitress and the loader in one process) on RabbitMQ and PostgreSQL, with the pdf_extractor
+    and the es_indexer (against the STAND-IN FOR ELASTICSEARCH, tests/plugins/es_standin.py)."""
+    import requests
+
+    from tests.plugins.conftest import es_settings
+
+    (workdir / "data").mkdir(exist_ok=True)
+    (workdir / "data" / "posted.pdf").write_bytes(PDF)
+    config = write_config({"msg_broker": {**broker, "retry": {"max_attempts": 1}}, "database": pg_section,
+                           "active_plugins": ["pdf_extractor", "es_indexer"],
+                           "custom": {"es_indexer": es_settings(es)}, "api": {"token": TOKEN}})
+    server = start_server("run", "-c", str(config))
+    posted = requests.post(server.url + "/messages", headers=AUTH, timeout=30,
+                           json={"uuid_ref": "wire-json", "data_location": "posted.pdf"})
+    uploaded = requests.post(server.url + "/messages", headers=AUTH, timeout=30,
+                             files={"file": ("report.pdf", io.BytesIO(PDF))}, data={"uuid_ref": "wire-pdf"})
+    assert (posted.status_code, uploaded.status_code) == (202, 202), (posted.text, uploaded.text)
+
+    def finished(uuid: str) -> bool:
+        answer = server.get(f"/messages/{uuid}", headers=AUTH)
+        return answer.status_code == 200 and answer.json()["status"] in ("DONE", "FAILED")
+
+    for uuid in ("wire-json", "wire-pdf"):
+        wait_until(lambda u=uuid: finished(u), timeout=60, what=f"{uuid} finished")  # type: ignore[misc]
+        assert server.get(f"/messages/{uuid}", headers=AUTH).json()["status"] == "DONE"
+        assert "Page two: its text is extracted by pdf_extractor." in es.document(uuid)["text"]
+        whole = server.get(f"/messages/{uuid}/data", headers=AUTH)
+        assert hashlib.sha256(whole.content).hexdigest() == hashlib.sha256(PDF).hexdigest()
+        part = server.get(f"/messages/{uuid}/data", headers={**AUTH, "Range": "bytes=5-24"})
+        assert part.status_code == 206 and part.content == PDF[5:25]
+    assert depth(vhost, "sqapi") == 0
+    assert server.stop() == 0, "".join(server.stderr)
