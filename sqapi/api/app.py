@@ -404,18 +404,19 @@ def message_metadata(uuid: str) -> Response:
 
 @core.route("/openapi.json", methods=["GET"])
 def openapi_document() -> Response:
+    return responding.ok(_openapi())
+
+
+def _openapi() -> dict[str, Any]:
     app = _app()
     plugin_of = {bp.name: plugin.name for plugin in app.sqapi.plugins.active for bp in plugin.blueprints}
-    return responding.ok(openapi.document(app, plugin_of, app.config["SQAPI_TOKEN_REQUIRED"]))
+    return openapi.document(app, plugin_of, app.config["SQAPI_TOKEN_REQUIRED"])
 
 
 @core.route("/openapi", methods=["GET"])
 def openapi_page() -> Response:
     """The same document, rendered for people (server-side, nothing loaded from elsewhere)."""
-    app = _app()
-    plugin_of = {bp.name: plugin.name for plugin in app.sqapi.plugins.active for bp in plugin.blueprints}
-    doc = openapi.document(app, plugin_of, app.config["SQAPI_TOKEN_REQUIRED"])
-    return Response(render_template("openapi.html", doc=doc, json_url=url_for("core.openapi_document")),
+    return Response(render_template("openapi.html", doc=_openapi(), json_url=url_for("core.openapi_document")),
                     status=200, content_type="text/html; charset=utf-8")
 
 
