@@ -64,6 +64,7 @@ class HttpPublisher:
         self.parser = MessageParser(self.broker)
         self.keys = {name: str(spec["key"]) for name, spec in field_map(self.broker).items()}
         self.data_store = data_store
+        self.listener_class = resolve_connector(config, "msg_broker").Listener  # checked once, not per post
 
     # -- bodies -------------------------------------------------------------------------------------
     def from_json(self, raw: bytes) -> tuple[Message, bytes]:
@@ -178,7 +179,7 @@ class HttpPublisher:
     def publish(self, message: Message, raw: bytes) -> None:
         """Publish ``raw`` to the configured broker, confirmed; :class:`Refused` (503/501) when it cannot."""
         try:
-            publisher = publisher_for(resolve_connector(self.config, "msg_broker").Listener, self.broker)
+            publisher = publisher_for(self.listener_class, self.broker)
         except NotImplementedError:
             raise Refused(501, f"msg_broker type '{self.broker.get('type')}' cannot publish") from None
         try:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 STUCK_SECONDS = 0.05   # deliveries waited this long while no worker took a batch: start another
 CPU_BOUND = 0.8        # ... or this process used less than this share of a core meanwhile
 BATCH_SECONDS = 0.5    # batches are cut to take about this long
+BATCH_SIZE = 128       # msg_broker.batch_size: deliveries in one batch at most
 POLL_SECONDS = 0.5     # longest a transport's receive waits before the consumer looks at stop again
 RECONNECT_INITIAL = 0.5  # seconds before opening a lost source again (msg_broker.reconnect.initial_delay) ...
 RECONNECT_MAX = 30.0     # ... doubling (with jitter) up to this (msg_broker.reconnect.max_delay)
@@ -134,10 +135,14 @@ class Inbox:
             self._outstanding -= len(batch)
             self._cond.notify_all()
 
+    def _room_for_another(self) -> bool:
+        """Deliveries wait while fewer than ``workers`` run (and at least one does); under the lock."""
+        return bool(self._waiting) and self.accepting and 0 < self.running < self.workers
+
     def another_worker(self, cpu_share: float) -> bool:
         """Whether to start one more worker now (counted as running when so)."""
         with self._cond:
-            if not self._waiting or not self.accepting or not self.running or self.running >= self.workers:
+            if not self._room_for_another():
                 return False
             stuck = time.monotonic() - self.last_take >= STUCK_SECONDS
             if not stuck and cpu_share >= CPU_BOUND:
@@ -154,12 +159,12 @@ class Inbox:
     def waiting(self) -> bool:
         """Deliveries wait while fewer than ``workers`` run (and at least one does)."""
         with self._cond:
-            return bool(self._waiting) and self.accepting and 0 < self.running < self.workers
+            return self._room_for_another()
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Until no worker runs; False when ``timeout`` passed first."""
+    def wait_idle(self) -> None:
+        """Until no worker runs."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.running == 0, timeout)
+            self._cond.wait_for(lambda: self.running == 0)
 
 
 class Consumer:
@@ -171,17 +176,15 @@ class Consumer:
     ``sessions`` counts the opens."""
 
     def __init__(self, transport: Transport, process_batch: ProcessBatch, workers: int = DEFAULT_WORKERS,
-                 batch_size: int = 128, reconnect_initial: float = RECONNECT_INITIAL,
+                 batch_size: int = BATCH_SIZE, reconnect_initial: float = RECONNECT_INITIAL,
                  reconnect_max: float = RECONNECT_MAX) -> None:
         self.transport = transport
         self.process_batch = process_batch
-        self.workers = max(1, workers)
-        self.batch_size = max(1, batch_size)
         self.reconnect_initial = reconnect_initial
         self.reconnect_max = reconnect_max
         self.sessions = 0
         self.consuming = False
-        self.inbox = Inbox(self.workers, self.batch_size, self._start_worker)
+        self.inbox = Inbox(workers, batch_size, self._start_worker)
         self._stop = threading.Event()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -207,7 +210,7 @@ class Consumer:
         """Consume until :meth:`stop` -- or, with ``until_idle``, until the source holds nothing more and
         every delivery settled.  A lost source is opened again after a growing pause."""
         failures = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="sqapi-worker")
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.inbox.workers, thread_name_prefix="sqapi-worker")
         watcher = threading.Thread(target=self._watch, name="sqapi-watch", daemon=True)
         watcher.start()
         try:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from sqapi.config import DEFAULT_WORKERS
 from sqapi.core.consumer import (
+    BATCH_SIZE,
     RECONNECT_INITIAL,
     RECONNECT_MAX,
     Consumer,
@@ -133,7 +134,7 @@ def make_listener(listener_class: Any, config: dict[str, Any], process_message: 
     if isinstance(listener_class, type) and issubclass(listener_class, Transport):
         reconnect = config.get("reconnect") or {}
         return Consumer(listener_class(config), process_batch, workers=int(config.get("workers") or DEFAULT_WORKERS),
-                        batch_size=int(config.get("batch_size") or 128),
+                        batch_size=int(config.get("batch_size") or BATCH_SIZE),
                         reconnect_initial=float(reconnect.get("initial_delay", RECONNECT_INITIAL)),
                         reconnect_max=float(reconnect.get("max_delay", RECONNECT_MAX)))
     return SqapiListener(listener_class(config, process_message))

@@ -33,6 +33,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import BasicProperties
 
 from sqapi.config import DEFAULT_WORKERS, require_keys
+from sqapi.core.consumer import BATCH_SIZE
 from sqapi.core.outcome import RetryPolicy
 from sqapi.errors import ConfigError, ConnectorError
 
@@ -141,7 +142,7 @@ def validate_config(config: dict[str, Any]) -> None:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"msg_broker.{key}", f"must be a whole number, not {value!r}",
-                              f"set msg_broker.{key} to a number like {DEFAULTS.get(key, 128)}")
+                              f"set msg_broker.{key} to a number like {DEFAULTS.get(key, BATCH_SIZE)}")
     timeout = config.get("confirm_timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
         raise ConfigError("msg_broker.confirm_timeout", f"must be a number of seconds above 0, not {timeout!r}",

@@ -64,6 +64,14 @@ def validate_config(config: dict[str, Any]) -> None:
                               "set msg_broker.workers, e.g. 4")
 
 
+def make_spool(root: Path) -> None:
+    """The spool folder, created when missing; :class:`ConnectorError` when it cannot be."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConnectorError(f"spool folder '{root}' cannot be created: {exc.strerror}") from None
+
+
 class Listener(Transport):
     """The spool folder: files claimed by rename, settled by moving them on."""
 
@@ -82,10 +90,7 @@ class Listener(Transport):
 
     # -- the transport ----------------------------------------------------------------------------
     def ping(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConnectorError(f"spool folder '{self.root}' cannot be created: {exc.strerror}") from None
+        make_spool(self.root)
         if not os.access(self.root, os.W_OK):
             raise ConnectorError(f"spool folder '{self.root}' is not writable")
 
@@ -313,10 +318,7 @@ class SpoolPublisher:
         self.root = Path(str(config.get("directory") or ".sqapi/spool"))
 
     def open(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConnectorError(f"spool folder '{self.root}' cannot be created: {exc.strerror}") from None
+        make_spool(self.root)
 
     def publish(self, body: bytes, message_id: str | None = None, routing_key: str | None = None,
                 headers: dict[str, Any] | None = None) -> None:
