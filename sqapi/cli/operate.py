@@ -13,6 +13,7 @@ from sqapi.cli.base import config_option, load, main
 from sqapi.core.status import MESSAGE_STATUSES
 from sqapi.errors import SqapiError
 from sqapi.redrive import Selection, SelectionError, describe_selection, parse_moment, redrive
+from sqapi.reprocess import BATCH_SIZE, reprocess
 
 
 def _moment(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -72,3 +73,40 @@ def redrive_command(ctx: click.Context, config_path: str | None, uuids: tuple[st
     done = "would re-publish" if dry_run else "re-published"
     click.echo(f"{len(report.selected)} selected, {done} {report.republished} ({report.from_dead} from dead letters)",
                err=True)
+
+
+@main.command("reprocess")
+@config_option
+@click.option("--plugin", required=True, help="The plugin that changed (it must declare a version in config.yml).")
+@click.option("--outdated", is_flag=True,
+              help="Messages whose row for the plugin holds another version than its current one (required).")
+@click.option("--batch-size", type=click.IntRange(1, 100000), default=BATCH_SIZE, show_default=True,
+              help="Messages selected and re-published per batch.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be re-published; change nothing.")
+@click.pass_context
+def reprocess_command(ctx: click.Context, config_path: str | None, plugin: str, outdated: bool, batch_size: int,
+                      dry_run: bool) -> None:
+    """Re-run a plugin, and the plugins that run after it, on messages an older version of it processed.
+
+    \b
+    Example, after raising ocr's version in plugins/ocr/config.yml (version: '2'):
+      sqapi reprocess --plugin ocr --outdated --dry-run    how many
+      sqapi reprocess --plugin ocr --outdated              re-run ocr and what runs after it
+
+    Each outdated message's rows for those plugins are reopened (RETRY) -- the only plugins a
+    loader runs again on it -- and the message is re-published with publisher confirms, in
+    batches, one progress line per batch.  Killed half-way, run it again: it finishes the rest and
+    repeats nothing.  A message a loader has not taken up yet is not selected again.
+    """
+    if not outdated:
+        raise click.UsageError("say which messages: --outdated (those an older version of the plugin processed)")
+    config = load(ctx, config_path, default_level="WARNING")
+    try:
+        report = reprocess(config, plugin, batch_size=batch_size, dry_run=dry_run, progress=_echo_progress)
+    except SelectionError as exc:
+        raise click.UsageError(str(exc)) from None
+    except SqapiError as exc:
+        click.echo(f"error: {exc} (what was re-published so far stays so: run again to finish)", err=True)
+        sys.exit(1)
+    done = "would re-publish" if dry_run else "re-published"
+    click.echo(f"{report.outdated} outdated, {done} {report.republished}", err=True)
