@@ -199,7 +199,7 @@ def _selection_from(form: Any) -> tuple[Any, dict[str, str]]:
 
 @console.route("/dashboard/redrive", methods=["POST"])
 def redrive() -> Response:
-    from sqapi.redrive import SelectionError
+    from sqapi.redrive import SelectionError, describe_selection
     from sqapi.redrive import redrive as run_redrive
 
     app = _app()
@@ -221,7 +221,7 @@ def redrive() -> Response:
             target = url_for("console.message_page", uuid=fields["uuid"], redriven=str(report.republished))
             return redirect(target, 303)  # type: ignore[return-value]
     return _page("redrive.html", fields=fields, report=report, confirmed=confirmed,
-                 shown=report.selected[:REDRIVE_SHOWN])
+                 shown=report.selected[:REDRIVE_SHOWN], described=describe_selection(selection))
 
 
 # -- signing in -------------------------------------------------------------------------------------

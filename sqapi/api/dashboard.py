@@ -256,7 +256,8 @@ def failure_rates(database: Any, now: datetime | None = None, hours: int = FAILU
         columns.append(f"SUM(CASE WHEN {inside} THEN 1 ELSE 0 END) AS r{i}")
         columns.append(f"SUM(CASE WHEN {inside} AND status = %(failed)s THEN 1 ELSE 0 END) AS f{i}")
     rows = database.execute_query(
-        f"SELECT plugin, {', '.join(columns)} FROM {table} WHERE {column} >= %(h0)s AND {column} < %(end)s "
+        f"SELECT plugin, {', '.join(columns)} FROM {table} WHERE plugin IS NOT NULL "
+        f"AND {column} >= %(h0)s AND {column} < %(end)s "
         "GROUP BY plugin ORDER BY plugin", **params)
     rates = [FailureRate(str(row["plugin"]), [int(row[f"r{i}"] or 0) for i in range(hours)],
                          [int(row[f"f{i}"] or 0) for i in range(hours)]) for row in rows]

@@ -33,7 +33,7 @@ def guarded(plugin_folders: None, make_app: Callable[..., Sqapi],
 
 
 def csrf_of(html: str) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    found = re.search(r'(?:name="csrf_token" value|data-csrf)="([^"]+)"', html)
     assert found, "the page has no CSRF field"
     return found.group(1)
 
@@ -185,7 +185,7 @@ def test_the_state_json_has_counts_messages_queues_and_failure_rates(processed: 
     picky = next(p for p in state["failure_rate"]["plugins"] if p["plugin"] == "picky")
     assert sum(picky["runs"]) == 3 and sum(picky["failed"]) == 1
     assert picky["runs"][-1] == 3 and picky["rates"][-1] == pytest.approx(1 / 3)  # all in the current hour
-    assert len(state["failure_rate"]["hours"]) == 24
+    assert len(state["failure_rate"]["hours"]) == 24 and state["failure_rate"]["source"] == "message_events"
     assert state["errors"] == []
 
 
@@ -308,3 +308,60 @@ def test_the_spool_folder_shows_files_waiting_and_failed(processed: Processed, w
     queues = {q["role"]: q for q in processed.client.get("/dashboard/state").get_json()["queues"]}
     assert queues["waiting"]["messages"] == 2 and queues["failed"]["messages"] == 1
     assert queues["retry"]["messages"] == 0 and queues["waiting"]["consumers"] is None
+
+
+# -- redrive from the dashboard (embedded default: the spool folder) -----------------------------------
+def spool_bodies(workdir: Path) -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in sorted((workdir / "spool").glob("*.json"))]
+
+
+def test_the_redrive_button_asks_first_then_republishes_the_message(processed: Processed, workdir: Path) -> None:
+    client = processed.client
+    page = client.get("/dashboard/messages/uuid-bad").get_data(as_text=True)
+    asked = client.post("/dashboard/redrive", data={"uuid": "uuid-bad", "csrf_token": csrf_of(page)})
+    html = asked.get_data(as_text=True)
+    assert asked.status_code == 200 and 'id="confirm-redrive"' in html
+    assert "<strong>1</strong> message(s) would run again" in html and "uuid-bad" in html
+    assert spool_bodies(workdir) == []  # asking changed nothing
+    assert processed.sqapi.database.get_message("uuid-bad")["status"] == "FAILED"
+
+    confirmed = client.post("/dashboard/redrive", data={"uuid": "uuid-bad", "confirm": "yes",
+                                                        "csrf_token": csrf_of(html)})
+    assert confirmed.status_code == 303
+    assert confirmed.headers["Location"] == "/dashboard/messages/uuid-bad?redriven=1"
+    assert [body["uuid_ref"] for body in spool_bodies(workdir)] == ["uuid-bad"]
+    notice = client.get(confirmed.headers["Location"]).get_data(as_text=True)
+    assert 'id="redrive-notice"' in notice
+
+
+def test_a_filtered_selection_is_redriven_after_its_confirmation(processed: Processed, workdir: Path) -> None:
+    client = processed.client
+    csrf = csrf_of(client.get("/?status=FAILED").get_data(as_text=True))
+    asked = client.post("/dashboard/redrive", data={"status": "FAILED", "plugin": "picky", "csrf_token": csrf})
+    html = asked.get_data(as_text=True)
+    assert asked.status_code == 200 and "<strong>1</strong> message(s) would run again" in html
+    assert 'name="plugin" value="picky"' in html  # the confirmation carries the same selection
+    done = client.post("/dashboard/redrive", data={"status": "FAILED", "plugin": "picky", "confirm": "yes",
+                                                   "csrf_token": csrf})
+    assert done.status_code == 200 and "1 message(s) re-published" in done.get_data(as_text=True)
+    assert [body["uuid_ref"] for body in spool_bodies(workdir)] == ["uuid-bad"]
+
+
+def test_a_search_selects_the_messages_it_finds_for_a_redrive(processed: Processed) -> None:
+    client = processed.client
+    csrf = csrf_of(client.get("/").get_data(as_text=True))
+    found = client.post("/dashboard/redrive", data={"q": "bad.txt", "csrf_token": csrf}).get_data(as_text=True)
+    assert "<strong>1</strong> message(s) would run again" in found and "uuid-bad" in found
+    nothing = client.post("/dashboard/redrive", data={"q": "no-such-file", "csrf_token": csrf})
+    assert nothing.status_code == 400 and "finds no message" in nothing.get_data(as_text=True)
+
+
+def test_a_selection_that_cannot_be_right_is_400_saying_why(processed: Processed, workdir: Path) -> None:
+    client = processed.client
+    csrf = csrf_of(client.get("/").get_data(as_text=True))
+    for form, words in (({}, "nothing selected"), ({"status": "DONE"}, "nothing left to run"),
+                        ({"since": "soon"}, "since must be an ISO 8601"),
+                        ({"since": "2026-01-02", "until": "2026-01-01"}, "is after until")):
+        answer = client.post("/dashboard/redrive", data={**form, "csrf_token": csrf, "confirm": "yes"})
+        assert answer.status_code == 400 and words in answer.get_data(as_text=True), form
+    assert spool_bodies(workdir) == []
