@@ -1,6 +1,6 @@
 """The dashboard as a person sees it: the real server, headless Chromium, a screenshot to look at.
 
-Chromium is installed by ``scripts/install_chromium.sh`` when missing (Debian's package).
+Chromium comes from Debian (``bash scripts/setup.sh`` installs it when missing; tests/browser.py).
 The screenshot lands in ``test-artifacts/dashboard.png``.
 """
 
@@ -10,22 +10,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from sqapi.app import Sqapi
 
 from .conftest import BASE_CONFIG, PROJECT, Server, process_samples
 
 ARTIFACTS = PROJECT / "test-artifacts"
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    result = subprocess.run(["bash", str(PROJECT / "scripts" / "install_chromium.sh")], capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, f"chromium could not be installed (run scripts/install_chromium.sh):\n" \
-                                   f"{result.stderr}"
-    return result.stdout.strip().splitlines()[-1]
 
 
 def browse(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
