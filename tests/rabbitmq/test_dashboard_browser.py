@@ -11,10 +11,11 @@ from typing import Any
 
 import yaml
 
-from tests.api.conftest import Server, start_server  # noqa: F401 (a fixture, used by name)
+from tests.api.conftest import PROJECT, Server, start_server  # noqa: F401 (a fixture, used by name)
 from tests.rabbitmq.conftest import Loaders, count, declare, depth, message, publish, wait_until
 
 TOKEN = "browser-t0ken-for-the-dashboard"
+ARTIFACTS = PROJECT / "test-artifacts"
 
 # fails on messages whose metadata says "flaky", until a file "fixed" appears in the loader's working directory
 FLAKY_PLUGIN = '''
@@ -60,6 +61,10 @@ def test_a_person_redrives_a_fixed_failure_from_the_dashboard_and_sees_it_done(
     browser.find_element(By.ID, "sign-in").click()
     wait.until(seen.presence_of_element_located((By.ID, "message-rows")))
     assert browser.find_element(By.ID, "count-FAILED").text == "1"
+    queues = {row.find_element(By.TAG_NAME, "code").text: row.text.split()
+              for row in browser.find_elements(By.CSS_SELECTOR, "#queue-rows tr")}
+    assert queues["sqapi.dead"][-2:] == ["1", "0"]  # one dead letter, no consumer
+    assert queues["sqapi"][1:3] == ["work", "0"] and int(queues["sqapi"][3]) >= 1  # the loader consumes
     cookie = browser.get_cookie("sqapi_session")
     assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
 
@@ -82,6 +87,8 @@ def test_a_person_redrives_a_fixed_failure_from_the_dashboard_and_sees_it_done(
     wait.until(seen.text_to_be_present_in_element((By.ID, "message-status"), "DONE"))
     assert browser.execute_script("return window.sqapiSamePage === true;")  # updated in place, not reloaded
     assert "DONE" in browser.find_element(By.ID, "plugin-rows").text
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-message.png"))
     assert status_db("SELECT status FROM messages WHERE uuid = 'msg-0'") == [{"status": "DONE"}]
     assert depth(broker["vhost"], "sqapi.dead") == 0
 

@@ -110,7 +110,8 @@
     if (Array.isArray(message.history)) {
       fill(document.getElementById("history-rows"), message.history.map((e) => [
         el("td", {class: "mono", text: when(e.at)}), el("td", {class: "num", text: e.attempt}),
-        el("td", {text: e.plugin || ""}), el("td", {}, [pill(e.status)]),
+        e.plugin ? el("td", {text: e.plugin}) : el("td", {}, [el("span", {class: "muted", text: "the message"})]),
+        el("td", {}, [pill(e.status)]),
         el("td", {class: "num", text: ms(e.duration_ms)}), el("td", {class: "reason", text: e.info || ""}),
         el("td", {class: "muted", text: e.loader || ""}),
       ]), 7, "No events recorded.");
