@@ -162,7 +162,7 @@ def message_document(uuid: str) -> dict[str, Any] | None:
 
 @console.route("/dashboard/messages/<uuid>", methods=["GET"])
 def message_page(uuid: str) -> Response:
-    document = message_document(uuid)
+    document = message_document(uuid) if "\x00" not in uuid else None
     if document is None:
         return _page("message.html", status=404, uuid=uuid, message=None)
     return _page("message.html", uuid=uuid, message=document, redriven=request.args.get("redriven"),
@@ -174,7 +174,7 @@ def message_page(uuid: str) -> Response:
 @console.route("/dashboard/messages/<uuid>/state", methods=["GET"])
 def message_state(uuid: str) -> Response:
     """The message page's JSON (what it polls): :func:`message_document`."""
-    document = message_document(uuid)
+    document = message_document(uuid) if "\x00" not in uuid else None
     if document is None:
         return responding.not_found(f"no message with uuid {uuid}")
     answer = responding.ok(document)
@@ -192,6 +192,8 @@ def _selection_from(form: Any) -> tuple[Any, dict[str, str]]:
     fields = {name: value for name, value in fields.items() if value}
     if not fields:
         raise SelectionError("nothing selected: give a uuid or at least one filter")
+    if any("\x00" in value for value in fields.values()):
+        raise SelectionError("a field holds a NUL character")
     try:
         wanted = dashboard.MessageFilter.from_args(fields)
     except ValueError as exc:

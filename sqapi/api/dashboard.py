@@ -103,12 +103,12 @@ FAILURE_RATE_HOURS = 24
 def _moment(text: str, name: str) -> str:
     """An ISO 8601 time (a date alone is its midnight, no zone is UTC) as the ISO text the queries compare."""
     try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return _iso(moment.astimezone(UTC))
+    except (ValueError, OverflowError):
         raise ValueError(f"{name} must be an ISO 8601 time, e.g. 2026-11-30 or 2026-11-30T06:00") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return _iso(moment.astimezone(UTC))
 
 
 @dataclass
@@ -131,6 +131,8 @@ class MessageFilter:
         """From a request's query string (or form); :class:`ValueError` says which value is wrong and why."""
         def text(name: str) -> str | None:
             value = (args.get(name) or "").strip()
+            if "\x00" in value:  # no database stores it: a clear 400, not a driver error
+                raise ValueError(f"{name} must not contain a NUL character")
             return value or None
 
         status = text("status")

@@ -214,7 +214,9 @@ def test_search_finds_a_message_by_uuid_or_by_location(processed: Processed) -> 
 
 def test_bad_filters_are_400_naming_what_is_wrong(processed: Processed) -> None:
     for query, words in (("status=LOST", "status must be one of"), ("since=yesterday", "since must be an ISO 8601"),
-                         ("limit=0", "limit must be"), ("until=13/13/13", "until must be")):
+                         ("limit=0", "limit must be"), ("until=13/13/13", "until must be"),
+                         ("q=%00", "must not contain a NUL"), ("plugin=a%00b", "must not contain a NUL"),
+                         ("since=9999-12-31T23:59:59-23:00", "since must be")):
         answer = processed.client.get(f"/dashboard/state?{query}")
         assert answer.status_code == 400 and words in answer.get_json()["details"], query
         assert processed.client.get(f"/?{query}").status_code == 400
@@ -282,6 +284,7 @@ def test_the_message_page_shows_results_locations_and_a_redrive_button(processed
     assert processed.client.get("/dashboard/messages/nobody/state").status_code == 404
     assert "script-src 'self'" in answer.headers["Content-Security-Policy"]
     assert processed.client.get("/dashboard/messages/nobody").status_code == 404
+    assert processed.client.get("/dashboard/messages/no%00body").status_code == 404
 
 
 def test_the_message_page_shows_the_trace_id_when_the_row_has_one(processed: Processed) -> None:
@@ -367,7 +370,8 @@ def test_a_selection_that_cannot_be_right_is_400_saying_why(processed: Processed
     csrf = csrf_of(client.get("/").get_data(as_text=True))
     for form, words in (({}, "nothing selected"), ({"status": "DONE"}, "nothing left to run"),
                         ({"since": "soon"}, "since must be an ISO 8601"),
-                        ({"since": "2026-01-02", "until": "2026-01-01"}, "is after until")):
+                        ({"since": "2026-01-02", "until": "2026-01-01"}, "is after until"),
+                        ({"uuid": "uuid-\x00bad"}, "NUL character")):
         answer = client.post("/dashboard/redrive", data={**form, "csrf_token": csrf, "confirm": "yes"})
         assert answer.status_code == 400 and words in answer.get_data(as_text=True), form
     assert spool_bodies(workdir) == []
