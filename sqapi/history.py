@@ -26,7 +26,7 @@ BATCH = 5000
 
 _COUNT_EVENTS = "SELECT COUNT(*) AS n FROM message_events WHERE at < %(cutoff)s"
 _DELETE_EVENTS = ("DELETE FROM message_events WHERE id IN "
-                  "(SELECT id FROM message_events WHERE at < %(cutoff)s ORDER BY id LIMIT %(batch)s) RETURNING id")
+                  "(SELECT id FROM message_events WHERE at < %(cutoff)s LIMIT %(batch)s) RETURNING id")
 _FINISHED = f"status IN ({', '.join(repr(str(s)) for s in FINISHED)}) AND updated_at < %(cutoff)s"
 _COUNT_MESSAGES = f"SELECT COUNT(*) AS n FROM messages WHERE {_FINISHED}"
 #: a message's plugin rows and events go with it (ON DELETE CASCADE)
