@@ -231,6 +231,7 @@ def open_parts(config: Mapping[str, Any], dry_run: bool = False) -> Iterator[Par
         if registry.status_tables_found(database) is False:
             where = registry.where(database, section, with_schema=True) or section.get("type")
             raise SqapiError(f"no status database at {where}: nothing was processed there yet")
+        database.close()  # the check may have opened it read-only (SQLite): the writes below open it again
         if not dry_run:
             try:
                 parts.publisher = publisher_for(listener_class, broker)
