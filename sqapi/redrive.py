@@ -13,7 +13,7 @@ again loses nothing and publishes nothing twice but in the one window noted belo
 1. **reopen** its status row: ``RETRY``, ``attempts`` 0 (the retry policy starts counting again:
    a FAILED message that had used up its attempts would otherwise be given up at once), and an
    ``info`` starting with :data:`PENDING` -- only if the row is still as selected (a loader that
-   took it up meanwhile wins);
+   took it up meanwhile wins); its history (``message_events``) gets that status and info;
 2. **publish** it and wait for the broker's confirm, then remove its dead letter, if any;
 3. **mark** the row re-published (``info`` starts with :data:`PUBLISHED`) -- only if no loader
    took it up meanwhile.
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqapi.connectors.db import utcnow
+from sqapi.connectors.db import loader_name, utcnow
 from sqapi.core.status import MESSAGE_STATUSES, Status
 from sqapi.errors import ConfigError, MessageError, SqapiError
 from sqapi.logs import abbreviate
@@ -161,7 +161,14 @@ def reopen(database: Any, row: Mapping[str, Any], now: str, verb: str = PENDING)
         "UPDATE messages SET status = %(retry)s, attempts = 0, info = %(info)s, updated_at = %(now)s "
         "WHERE uuid = %(uuid)s AND status = %(status)s AND COALESCE(info, '') = %(was)s RETURNING uuid",
         retry=Status.RETRY, info=info, now=now, uuid=row["uuid"], status=row["status"], was=row.get("info") or "")
-    return info if changed else None
+    if not changed:
+        return None
+    # the message's history shows it: "redrive: re-publishing at ... (was FAILED: ...)"
+    database.execute_query(
+        "INSERT INTO message_events (uuid, attempt, status, info, loader, at) "
+        "SELECT uuid, attempts, status, info, %(loader)s, %(now)s FROM messages WHERE uuid = %(uuid)s",
+        loader=loader_name(), now=now, uuid=row["uuid"])
+    return info
 
 
 def mark_published(database: Any, uuid: str, pending_info: str, now: str, pending: str = PENDING,

@@ -106,6 +106,9 @@ def test_redrive_of_a_fixed_plugin_runs_it_exactly_for_its_failures_and_empties_
     rows = status_db("SELECT status, attempts, info FROM messages WHERE uuid = 'msg-3'")
     assert rows[0]["status"] == "RETRY" and rows[0]["attempts"] == 0
     assert rows[0]["info"].startswith("redrive: re-published")
+    history = status_db("SELECT status, info FROM message_events WHERE uuid = 'msg-3' ORDER BY id")
+    assert history[-1]["status"] == "RETRY" and history[-1]["info"].startswith(
+        "redrive: re-publishing at ") and "(was FAILED: gave up after 2 attempts: plugin flaky:" in history[-1]["info"]
 
     process_all(loaders, setup, status_db)
     assert runs(status_db) == sorted(FAILED_UUIDS)  # flaky 10 times, other never
