@@ -296,6 +296,7 @@ def redrive(config: Mapping[str, Any], selection: Selection, *, dry_run: bool = 
         report.selected = list(rows)
         parser = _Parser(parts.broker)
         done: set[str] = set()
+        skipped: set[str] = set()  # changed since selected: left alone
         verb = "would re-publish" if dry_run else "re-published"
 
         def republish(row: Mapping[str, Any], body: bytes, where: str, letter: Any = None) -> bool:
@@ -307,6 +308,7 @@ def redrive(config: Mapping[str, Any], selection: Selection, *, dry_run: bool = 
             pending = reopen(parts.database, row, now)
             if pending is None:
                 say(f"{uuid}: skipped, its status changed since it was selected")
+                skipped.add(uuid)
                 return False
             parts.publisher.publish(body, message_id=uuid)
             if letter is not None:
@@ -318,7 +320,7 @@ def redrive(config: Mapping[str, Any], selection: Selection, *, dry_run: bool = 
         if parts.dead is not None:
             for letter in parts.dead.scan():
                 uuid = parser.uuid_of(letter.body)
-                if uuid is None or uuid not in rows:
+                if uuid is None or uuid not in rows or uuid in skipped:
                     continue  # not selected: returned to where it was when the scan closes
                 if uuid in done:  # a second dead letter of a message re-published already
                     if not dry_run:
@@ -329,7 +331,7 @@ def redrive(config: Mapping[str, Any], selection: Selection, *, dry_run: bool = 
                     done.add(uuid)
                     report.from_dead += 1
         for uuid, row in rows.items():
-            if uuid in done:
+            if uuid in done or uuid in skipped:
                 continue
             if not row.get("data_location"):
                 say(f"{uuid}: skipped, its row has no data_location to publish (and no dead letter holds it)")
