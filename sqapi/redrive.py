@@ -13,7 +13,7 @@ again loses nothing and publishes nothing twice but in the one window noted belo
 1. **reopen** its status row: ``RETRY``, ``attempts`` 0 (the retry policy starts counting again:
    a FAILED message that had used up its attempts would otherwise be given up at once), and an
    ``info`` starting with :data:`PENDING` -- only if the row is still as selected (a loader that
-   took it up meanwhile wins);
+   took it up meanwhile wins); its history (``message_events``) gets that status and info;
 2. **publish** it and wait for the broker's confirm, then remove its dead letter, if any;
 3. **mark** the row re-published (``info`` starts with :data:`PUBLISHED`) -- only if no loader
    took it up meanwhile.
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqapi.connectors.db import utcnow
+from sqapi.connectors.db import loader_name, utcnow
 from sqapi.core.status import MESSAGE_STATUSES, Status
 from sqapi.errors import ConfigError, MessageError, SqapiError
 from sqapi.logs import abbreviate
@@ -161,7 +161,14 @@ def reopen(database: Any, row: Mapping[str, Any], now: str, verb: str = PENDING)
         "UPDATE messages SET status = %(retry)s, attempts = 0, info = %(info)s, updated_at = %(now)s "
         "WHERE uuid = %(uuid)s AND status = %(status)s AND COALESCE(info, '') = %(was)s RETURNING uuid",
         retry=Status.RETRY, info=info, now=now, uuid=row["uuid"], status=row["status"], was=row.get("info") or "")
-    return info if changed else None
+    if not changed:
+        return None
+    # the message's history shows it: "redrive: re-publishing at ... (was FAILED: ...)"
+    database.execute_query(
+        "INSERT INTO message_events (uuid, attempt, status, info, loader, at) "
+        "SELECT uuid, attempts, status, info, %(loader)s, %(now)s FROM messages WHERE uuid = %(uuid)s",
+        loader=loader_name(), now=now, uuid=row["uuid"])
+    return info
 
 
 def mark_published(database: Any, uuid: str, pending_info: str, now: str, pending: str = PENDING,
@@ -231,6 +238,7 @@ def open_parts(config: Mapping[str, Any], dry_run: bool = False) -> Iterator[Par
         if registry.status_tables_found(database) is False:
             where = registry.where(database, section, with_schema=True) or section.get("type")
             raise SqapiError(f"no status database at {where}: nothing was processed there yet")
+        database.close()  # the check may have opened it read-only (SQLite): the writes below open it again
         if not dry_run:
             try:
                 parts.publisher = publisher_for(listener_class, broker)
@@ -288,6 +296,7 @@ def redrive(config: Mapping[str, Any], selection: Selection, *, dry_run: bool = 
         report.selected = list(rows)
         parser = _Parser(parts.broker)
         done: set[str] = set()
+        skipped: set[str] = set()  # changed since selected: left alone
         verb = "would re-publish" if dry_run else "re-published"
 
         def republish(row: Mapping[str, Any], body: bytes, where: str, letter: Any = None) -> bool:
@@ -299,6 +308,7 @@ def redrive(config: Mapping[str, Any], selection: Selection, *, dry_run: bool = 
             pending = reopen(parts.database, row, now)
             if pending is None:
                 say(f"{uuid}: skipped, its status changed since it was selected")
+                skipped.add(uuid)
                 return False
             parts.publisher.publish(body, message_id=uuid)
             if letter is not None:
@@ -310,7 +320,7 @@ def redrive(config: Mapping[str, Any], selection: Selection, *, dry_run: bool = 
         if parts.dead is not None:
             for letter in parts.dead.scan():
                 uuid = parser.uuid_of(letter.body)
-                if uuid is None or uuid not in rows:
+                if uuid is None or uuid not in rows or uuid in skipped:
                     continue  # not selected: returned to where it was when the scan closes
                 if uuid in done:  # a second dead letter of a message re-published already
                     if not dry_run:
@@ -321,7 +331,7 @@ def redrive(config: Mapping[str, Any], selection: Selection, *, dry_run: bool = 
                     done.add(uuid)
                     report.from_dead += 1
         for uuid, row in rows.items():
-            if uuid in done:
+            if uuid in done or uuid in skipped:
                 continue
             if not row.get("data_location"):
                 say(f"{uuid}: skipped, its row has no data_location to publish (and no dead letter holds it)")

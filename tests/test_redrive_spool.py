@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sqapi.app import Sqapi
 from sqapi.redrive import Selection, SelectionError, redrive
 
@@ -35,11 +37,15 @@ def runs(app: Sqapi) -> list[str]:
     return [r["uuid"] for r in rows]
 
 
+@pytest.mark.parametrize("database", ["embedded PostgreSQL", "sqlite"])
 def test_a_redrive_sends_failed_spool_files_back_once_and_only_the_failures_run_again(
         make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str],
-        workdir: Path) -> None:
+        workdir: Path, database: str) -> None:
     write_plugin("picky", PICKY, init_sql="CREATE TABLE IF NOT EXISTS runs (uuid TEXT);")
-    app = make_app({"active_plugins": ["picky"], "msg_broker": {"poll_interval": 0.05}})
+    overrides: dict[str, Any] = {"active_plugins": ["picky"], "msg_broker": {"poll_interval": 0.05}}
+    if database == "sqlite":
+        overrides["database"] = {"type": "sqlite", "path": str(workdir / "status.db")}
+    app = make_app(overrides)
     location = write_data("a.txt", "x")
     spool = workdir / "spool"
     spool.mkdir(exist_ok=True)
@@ -83,3 +89,22 @@ def _at(day: int) -> Any:
     from datetime import datetime
 
     return datetime(2026, 11, day)
+
+
+def test_a_row_that_changed_since_it_was_selected_is_not_reopened(
+        make_app: Callable[..., Sqapi], write_plugin: Callable[..., Path], write_data: Callable[..., str],
+        workdir: Path) -> None:
+    from sqapi.core.outcome import Delivery
+    from sqapi.redrive import reopen
+
+    write_plugin("picky", PICKY, init_sql="CREATE TABLE IF NOT EXISTS runs (uuid TEXT);")
+    app = make_app({"active_plugins": ["picky"]})
+    location = write_data("a.txt", "x")
+    app.process({"uuid_ref": "m1", "data_location": location, "metadata": {"picky": True}}, Delivery(id="1"))
+    selected = app.database.get_message("m1")
+    assert selected["status"] == "FAILED"
+    (workdir / "fixed").touch()
+    app.process({"uuid_ref": "m1", "data_location": location}, Delivery(id="2"))  # a loader got to it first
+    assert reopen(app.database, selected, "2026-11-30T06:00:00+00:00") is None
+    assert app.database.get_message("m1")["status"] == "DONE"
+    assert app.database.get_message("m1")["attempts"] == 2

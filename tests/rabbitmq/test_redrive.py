@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ def test_redrive_of_a_fixed_plugin_runs_it_exactly_for_its_failures_and_empties_
     rows = status_db("SELECT status, attempts, info FROM messages WHERE uuid = 'msg-3'")
     assert rows[0]["status"] == "RETRY" and rows[0]["attempts"] == 0
     assert rows[0]["info"].startswith("redrive: re-published")
+    history = status_db("SELECT status, info FROM message_events WHERE uuid = 'msg-3' ORDER BY id")
+    assert history[-1]["status"] == "RETRY" and history[-1]["info"].startswith(
+        "redrive: re-publishing at ") and "(was FAILED: gave up after 2 attempts: plugin flaky:" in history[-1]["info"]
 
     process_all(loaders, setup, status_db)
     assert runs(status_db) == sorted(FAILED_UUIDS)  # flaky 10 times, other never
@@ -115,24 +119,52 @@ def test_redrive_of_a_fixed_plugin_runs_it_exactly_for_its_failures_and_empties_
     assert again.returncode == 0 and again.stdout == "", again.stdout
 
 
+# runs `sqapi redrive ARGS...` and SIGKILLs it right after the 5th call of the step named in argv[1] returned:
+# the kill lands at that exact point of the 5th message (no timing involved)
+KILLED_REDRIVE = """
+import os, signal, sys
+import sqapi.redrive
+from sqapi.connectors.listeners._amqp import Publisher
+from sqapi.connectors.listeners._dead_letters import AmqpDeadLetters
+
+owner, name = {"publish": (Publisher, "publish"), "remove": (AmqpDeadLetters, "remove"),
+               "mark": (sqapi.redrive, "mark_published")}[sys.argv[1]]
+original, calls = getattr(owner, name), []
+
+def step(*args, **kwargs):
+    original(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(owner, name, step if owner is sqapi.redrive else lambda self, *a, **k: step(self, *a, **k))
+from sqapi.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("killed_after", ["publish", "remove", "mark"])
 def test_a_redrive_killed_half_way_and_run_again_loses_nothing_and_runs_nothing_twice(
         setup: Path, workdir: Path, vhost: str, loaders: Loaders,
-        status_db: Callable[[str], list[dict[str, Any]]]) -> None:
-    first = subprocess.Popen([SQAPI, "redrive", "-c", str(setup), "--plugin", "flaky", "--status", "FAILED"],
-                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert first.stdout is not None
-    seen = [first.stdout.readline() for _ in range(4)]
-    first.send_signal(signal.SIGKILL)
-    first.wait(30)
-    assert all("re-published" in line for line in seen), seen
-    assert 0 < depth(vhost, "sqapi.dead") <= FAILING - 4
+        status_db: Callable[[str], list[dict[str, Any]]], killed_after: str) -> None:
+    """Killed after the 5th message's confirm (before its dead letter is removed), after its removal (before its
+    row is marked), or after its mark (between messages)."""
+    first = subprocess.run([sys.executable, "-c", KILLED_REDRIVE, killed_after, "redrive", "-c", str(setup),
+                            "--plugin", "flaky", "--status", "FAILED"], cwd=workdir, capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ))
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert len(first.stdout.splitlines()) == 4  # the 5th message's line never came
+    assert depth(vhost, "sqapi.dead") == FAILING - 4 - (killed_after != "publish")
 
     second = sqapi(workdir, "redrive", "-c", str(setup), "--plugin", "flaky", "--status", "FAILED")
     assert second.returncode == 0, second.stderr
+    assert len(second.stdout.splitlines()) == FAILING - 4 - (killed_after == "mark")
     assert depth(vhost, "sqapi.dead") == 0
-    redriven = {line.split()[0] for line in seen} | {line.split()[0] for line in second.stdout.splitlines()}
-    assert redriven == {uuid for _, uuid in FAILED_UUIDS}
+    assert {row["uuid"] for row in status_db("SELECT uuid FROM messages WHERE status = 'RETRY' "
+                                             "AND info LIKE 'redrive: re-published%'")} \
+        == {uuid for _, uuid in FAILED_UUIDS}
+    # the 5th is published twice only when the kill fell between its confirm and its mark
+    assert depth(vhost, "sqapi") == FAILING + (killed_after != "mark")
 
     process_all(loaders, setup, status_db)
     assert runs(status_db) == sorted(FAILED_UUIDS)  # each failure run once more, nothing else
