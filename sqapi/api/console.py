@@ -5,8 +5,8 @@ Pages (HTML; ``sqapi/api/templates``, plain JS in ``sqapi/api/static/dashboard.j
     GET  /                          overview: counts, queues, failure rate per plugin, the message list
                                     (?status=&plugin=&since=&until=&q=&limit=&before=&before_uuid=)
     GET  /dashboard/messages/<uuid> one message: status, plugin results, timeline, data/meta links, redrive
+                                    (it polls GET /messages/<uuid>)
     GET  /dashboard/state           the overview as JSON (same query string): what the page polls
-    GET  /dashboard/messages/<uuid>/state   the message as JSON, with its event history: what its page polls
     POST /dashboard/redrive         redrive a message (uuid) or a filtered selection: first a dry run to
                                     confirm, then (confirm=yes) the redrive itself
     GET  /login, POST /login        sign in with the API token (kept in a signed session cookie)
@@ -148,16 +148,10 @@ def state() -> Response:
 
 # -- one message ------------------------------------------------------------------------------------
 def message_document(uuid: str) -> dict[str, Any] | None:
-    """What ``GET /messages/<uuid>`` answers (its ``trace_id`` too, when the row has one), with ``history``: every
-    event of ``message_events``, oldest first."""
-    app = _app()
-    answer = app.view_functions["core.message"](uuid=uuid)
-    if answer.status_code != 200:
-        return None
-    document: dict[str, Any] = answer.get_json()
-    if "history" not in document and hasattr(app.sqapi.database, "get_history"):  # read here until the API has it
-        document["history"] = app.sqapi.database.get_history(uuid)
-    return document
+    """Exactly what ``GET /messages/<uuid>`` answers: the row (``trace_id`` too, when it has one), its plugin rows
+    and ``history``, every event of ``message_events``, oldest first."""
+    answer = _app().view_functions["core.message"](uuid=uuid)
+    return answer.get_json() if answer.status_code == 200 else None
 
 
 @console.route("/dashboard/messages/<uuid>", methods=["GET"])
@@ -168,18 +162,7 @@ def message_page(uuid: str) -> Response:
     return _page("message.html", uuid=uuid, message=document, redriven=request.args.get("redriven"),
                  data_url=url_for("core.message_data", uuid=uuid),
                  metadata_url=url_for("core.message_metadata", uuid=uuid),
-                 json_url=url_for("console.message_state", uuid=uuid))
-
-
-@console.route("/dashboard/messages/<uuid>/state", methods=["GET"])
-def message_state(uuid: str) -> Response:
-    """The message page's JSON (what it polls): :func:`message_document`."""
-    document = message_document(uuid) if "\x00" not in uuid else None
-    if document is None:
-        return responding.not_found(f"no message with uuid {uuid}")
-    answer = responding.ok(document)
-    answer.headers["Cache-Control"] = "no-store"
-    return answer
+                 json_url=url_for("core.message", uuid=uuid))
 
 
 # -- redrive ----------------------------------------------------------------------------------------

@@ -233,14 +233,6 @@ def _dashboard_paths() -> dict[str, dict[str, Any]]:
             "summary": "One message's page: status, plugin results, timeline, data and metadata, redrive",
             "operationId": "message_page", "parameters": [_UUID],
             "responses": {"200": _HTML, "404": {**_HTML, "description": "unknown uuid (HTML)"}}}},
-        "/dashboard/messages/{uuid}/state": {"get": {
-            "summary": "One message as JSON with its event history (what its page polls)",
-            "operationId": "message_state", "parameters": [_UUID],
-            "responses": {"200": _json({"allOf": [_ref("Message"), {
-                "type": "object", "required": ["history"],
-                "properties": {"history": {"type": "array", "items": {"type": "object"}}}}]},
-                "the message, its plugin rows and every event, oldest first"),
-                          "404": _error("unknown uuid")}}},
         "/dashboard/redrive": {"post": {
             "summary": "Redrive a message (uuid) or a filtered selection: a dry run to confirm, then with "
                        "confirm=yes the redrive", "operationId": "dashboard_redrive", "requestBody": _FORM,

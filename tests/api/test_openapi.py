@@ -93,8 +93,6 @@ def test_real_answers_match_their_documented_schemas(processed: Processed, docum
         ("GET", "/dashboard/state?since=yesterday", "/dashboard/state", 400, {}),
         ("GET", f"/dashboard/messages/{done}", "/dashboard/messages/{uuid}", 200, {}),
         ("GET", "/dashboard/messages/nobody", "/dashboard/messages/{uuid}", 404, {}),
-        ("GET", f"/dashboard/messages/{done}/state", "/dashboard/messages/{uuid}/state", 200, {}),
-        ("GET", "/dashboard/messages/nobody/state", "/dashboard/messages/{uuid}/state", 404, {}),
         ("GET", "/login", "/login", 200, {}),
     ]
     for method, path, template, expected, request in cases:
