@@ -87,6 +87,8 @@ def test_a_person_redrives_a_fixed_failure_from_the_dashboard_and_sees_it_done(
     wait.until(seen.text_to_be_present_in_element((By.ID, "message-status"), "DONE"))
     assert browser.execute_script("return window.sqapiSamePage === true;")  # updated in place, not reloaded
     assert "DONE" in browser.find_element(By.ID, "plugin-rows").text
+    timeline = browser.find_element(By.ID, "history-rows").text  # updated by the same poll
+    assert timeline.index("flaky is broken") < timeline.index("redrive") < timeline.rindex("DONE")
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "dashboard-message.png"))
     assert status_db("SELECT status FROM messages WHERE uuid = 'msg-0'") == [{"status": "DONE"}]
