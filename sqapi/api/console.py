@@ -18,6 +18,7 @@ Every POST carries the session's CSRF token (``sqapi.api.session``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 console = Blueprint("console", __name__)
 
 REFRESH_SECONDS = 5              # how often the pages poll
+FAILURE_RATE_SECONDS = 30.0      # how long the failure rates read are shown before they are read again
 REDRIVE_SHOWN = 50               # uuids listed on the confirmation page
 MAX_SEARCH_SELECTION = 10_000    # messages a search (q) may select for a redrive
 CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -85,7 +87,7 @@ def overview(wanted: dashboard.MessageFilter) -> dict[str, Any]:
     try:
         counts = dashboard.counts_by_status(database)
         rows, cursor = dashboard.find_messages(database, wanted)
-        starts, rates, source = dashboard.failure_rates(database)
+        starts, rates, source = _failure_rates(app)
     except ConnectorError as exc:
         state["errors"].append(f"status database unavailable: {exc}")
         counts, rows, cursor, starts, rates, source = {}, [], None, [], [], "message_plugins"
@@ -103,6 +105,17 @@ def overview(wanted: dashboard.MessageFilter) -> dict[str, Any]:
         state["errors"].append(f"message broker: {exc}")
     state["queues"] = [asdict(depth) for depth in depths]
     return state
+
+
+def _failure_rates(app: Any) -> tuple[list[datetime], list[dashboard.FailureRate], str]:
+    """:func:`dashboard.failure_rates`, read again at most every :data:`FAILURE_RATE_SECONDS`: it scans a day of
+    events, and hourly figures need no refresh at every poll of every open page."""
+    cached = app.extensions.get("sqapi.failure_rates")
+    if cached is not None and time.monotonic() - cached[0] < FAILURE_RATE_SECONDS:
+        return cached[1]
+    value = dashboard.failure_rates(app.sqapi.database)
+    app.extensions["sqapi.failure_rates"] = (time.monotonic(), value)
+    return value
 
 
 def _filter_or_400() -> dashboard.MessageFilter | Response:
