@@ -12,7 +12,7 @@ several API processes with the same token accept each other's cookies.  It is ``
 :data:`SESSION_HOURS` it is refused.
 
 Requests that change something (POST, PUT, PATCH, DELETE) made with the cookie must carry the
-session's CSRF token, in the form field ``csrf_token`` or the header ``X-CSRF-Token``; so must
+session's CSRF token, in the header ``X-CSRF-Token`` or (in a url-encoded form) the field ``csrf_token``; so must
 the dashboard's own actions and the login form, token or not.  Requests authenticated by the
 bearer header are exempt: a browser never sends that header on its own.
 """
@@ -99,7 +99,9 @@ def install(app: Flask, token: str) -> Sessions:
         if request.method in UNSAFE_METHODS and not g.bearer and \
                 (request.endpoint in CSRF_ENDPOINTS or (g.session is not None and g.session.get("auth"))):
             expected = (g.session or {}).get("csrf", "")
-            given = request.form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER) or ""
+            given = request.headers.get(CSRF_HEADER) or ""
+            if not given and request.mimetype == "application/x-www-form-urlencoded":  # the dashboard's forms
+                given = request.form.get(CSRF_FIELD) or ""  # (an upload's body is left for its view to stream)
             if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
                 return responding.respond({"error": "forbidden", "details": "the CSRF token is missing or wrong: "
                                            "reload the page and try again"}, 403)

@@ -371,3 +371,17 @@ def test_a_selection_that_cannot_be_right_is_400_saying_why(processed: Processed
         answer = client.post("/dashboard/redrive", data={**form, "csrf_token": csrf, "confirm": "yes"})
         assert answer.status_code == 400 and words in answer.get_data(as_text=True), form
     assert spool_bodies(workdir) == []
+
+
+def test_a_signed_in_browser_uploads_with_the_csrf_header_and_is_refused_without_it(guarded: FlaskClient) -> None:
+    import io
+
+    sign_in(guarded)
+    csrf = csrf_of(guarded.get("/", headers=HTML).get_data(as_text=True))
+    upload = {"file": (io.BytesIO(b"x" * 3_000_000), "big.txt")}  # over max_body_bytes: streamed, not parsed early
+    refused = guarded.post("/messages", data=upload, content_type="multipart/form-data")
+    assert refused.status_code == 403
+    upload = {"file": (io.BytesIO(b"x" * 3_000_000), "big.txt")}
+    answer = guarded.post("/messages", data=upload, content_type="multipart/form-data",
+                          headers={"X-CSRF-Token": csrf})
+    assert answer.status_code == 202, answer.get_data(as_text=True)
