@@ -274,11 +274,11 @@ WHERE status IN ({", ".join(f"'{s}'" for s in EVENT_STATUSES)})"""
 _UPDATE_PLUGINS = f"""
 WITH input AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
-        AS t(uuid text, plugin text, status text, info text, duration_ms float8, result text, version text)
+        AS t(n int, uuid text, plugin text, status text, info text, duration_ms float8, result text, version text)
 ), events AS (
     INSERT INTO message_events (uuid, attempt, plugin, status, info, duration_ms, version, loader, at)
     SELECT i.uuid, m.attempts, i.plugin, i.status, i.info, i.duration_ms, i.version, %(loader)s, %(now)s::timestamptz
-    FROM input i JOIN messages m ON m.uuid = i.uuid
+    FROM input i JOIN messages m ON m.uuid = i.uuid ORDER BY i.n  -- ids in the order of the rows given
 )
 INSERT INTO message_plugins (uuid, plugin, status, info, duration_ms, result, version, attempts, updated_at)
 SELECT uuid, plugin, status, info, duration_ms, result, version, 1, %(now)s::timestamptz FROM input
@@ -851,9 +851,9 @@ class Database(StatusStore):
         # rows go as one JSON text (json_to_recordset): psycopg2 quotes one string, not each array element
         if rows:
             statements.append((_UPDATE_PLUGINS, {"now": now, "loader": loader_name(), "rows": json.dumps([
-                {"uuid": row["uuid"], "plugin": row["plugin"], "status": row["status"], "info": row.get("info"),
+                {"n": n, "uuid": row["uuid"], "plugin": row["plugin"], "status": row["status"], "info": row.get("info"),
                  "duration_ms": row.get("duration_ms"), "result": row.get("result"), "version": row.get("version")}
-                for row in rows])}))
+                for n, row in enumerate(rows)])}))
         if updates:
             statements.append((_UPDATE_MESSAGES, {"now": now, "loader": loader_name(), "rows": _json_rows(
                 [m for m, _s, _i in updates],
