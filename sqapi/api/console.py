@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 
 from sqapi.api import dashboard, responding, session
 from sqapi.api.queues import QueueDepth, queue_depths
@@ -61,8 +61,6 @@ def _page(template: str, status: int = 200, **context: Any) -> Response:
 
 
 def _signed_in() -> bool:
-    from flask import g
-
     return bool(g.get("session") and g.session.get("auth"))
 
 
