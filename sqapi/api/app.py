@@ -114,7 +114,7 @@ def create_app(sqapi: Sqapi, listener: Any = None) -> SqapiFlask:
 
     token = api_token(config)
     app.config["SQAPI_TOKEN_REQUIRED"] = bool(token)
-    app.sessions = session.install(app, token)
+    app.sessions = session.install(app, token, section.get("secure_cookie", "auto"))
     _install_error_handlers(app)
     app.register_blueprint(core)
     app.register_blueprint(console)

@@ -8,7 +8,8 @@ With ``api.token`` set, every route but ``/health``, ``/login`` and the static f
 The cookie never holds the token: it holds a session (``auth`` and a random CSRF token), signed
 with a key derived from the token (HMAC-SHA256), so changing the token ends every session and
 several API processes with the same token accept each other's cookies.  It is ``HttpOnly``,
-``SameSite=Strict``, ``Secure`` when the request came over https, and older than
+``SameSite=Strict``, ``Secure`` when the request came over https (always with ``api.secure_cookie:
+true``), and older than
 :data:`SESSION_HOURS` it is refused.
 
 Requests that change something (POST, PUT, PATCH, DELETE) made with the cookie must carry the
@@ -82,9 +83,15 @@ class Sessions:
         return session
 
 
-def install(app: Flask, token: str) -> Sessions:
-    """Check every request (token, cookie, CSRF) and write the session cookie when it changed."""
+def install(app: Flask, token: str, secure_cookie: bool | str = "auto") -> Sessions:
+    """Check every request (token, cookie, CSRF) and write the session cookie when it changed.
+
+    ``secure_cookie`` (``api.secure_cookie``): ``auto`` marks the cookie ``Secure`` when the request came over
+    https; ``True`` always (behind a proxy that ends TLS, the request reaching sqapi is plain http)."""
     sessions = Sessions(token)
+
+    def secure() -> bool:
+        return request.is_secure if secure_cookie == "auto" else bool(secure_cookie)
 
     @app.before_request
     def authenticate() -> Response | None:
@@ -111,10 +118,10 @@ def install(app: Flask, token: str) -> Sessions:
     def write_cookie(answer: Response) -> Response:
         if getattr(g, "session_changed", False):
             if g.session is None:
-                answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict", secure=request.is_secure)
+                answer.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict", secure=secure())
             else:
                 answer.set_cookie(COOKIE, sessions.dump(g.session), path="/", httponly=True, samesite="Strict",
-                                  secure=request.is_secure)
+                                  secure=secure())
         return answer
 
     return sessions

@@ -385,3 +385,11 @@ def test_a_signed_in_browser_uploads_with_the_csrf_header_and_is_refused_without
     answer = guarded.post("/messages", data=upload, content_type="multipart/form-data",
                           headers={"X-CSRF-Token": csrf})
     assert answer.status_code == 202, answer.get_data(as_text=True)
+
+
+def test_behind_a_proxy_that_ends_tls_the_cookie_can_be_made_secure(
+        plugin_folders: None, make_app: Callable[..., Sqapi]) -> None:
+    client = create_app(make_app({**BASE_CONFIG, "api": {"token": TOKEN, "secure_cookie": True}})).test_client()
+    answer = sign_in(client)  # plain http, as the proxy forwards it
+    assert answer.status_code == 303
+    assert "secure" in [part.strip().lower() for part in set_cookie_header(answer).split(";")]
