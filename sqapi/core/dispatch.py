@@ -146,7 +146,7 @@ class Dispatch:
         else:
             ready = multiprocessing.connection.wait(list(self.assigned), timeout)
         for conn in ready:
-            job = self.assigned[conn]  # type: ignore[index]
+            job = self.assigned[conn]
             self._answers(job)
         now = time.monotonic()
         for job in list(self.assigned.values()):
