@@ -224,3 +224,22 @@ def test_sqapi_plugins_json_shows_the_version(workdir: Path, write_plugin: Calla
     (workdir / "cfg.yml").write_text("active_plugins: [versioned]\n", encoding="utf-8")
     listed = json.loads(sqapi(workdir, "-c", "cfg.yml", "plugins", "--json").stdout)
     assert {p["name"]: p["version"] for p in listed}["versioned"] == "3"
+
+
+def test_the_plugin_events_find_their_attempt_by_key_and_never_scan_every_message(pg_section: dict[str, Any]) -> None:
+    """The events of a batch's plugin rows look up each message's attempt count by its key: a join was planned as a
+    scan of the whole messages table on every batch (the history then cost more the more messages there were)."""
+    from sqapi.connectors.db.postgres import _UPDATE_PLUGINS
+
+    db = registry.database(dict(pg_section))
+    db.initialize_message_table()
+    try:
+        db.execute_query("INSERT INTO messages (uuid, status, attempts) SELECT 'm-' || n, 'DONE', 1 "
+                         "FROM generate_series(1, 5000) AS n")
+        db.execute_query("ANALYZE messages")
+        rows = json.dumps([{"n": n, "uuid": f"m-{n}", "plugin": "p", "status": "DONE"} for n in range(1, 21)])
+        plan = "\n".join(row["QUERY PLAN"] for row in db.execute_query(
+            f"EXPLAIN {_UPDATE_PLUGINS}", now="2026-01-01T00:00:00+00:00", loader="here:1", rows=rows))
+        assert "Seq Scan on messages" not in plan and "Index" in plan, plan
+    finally:
+        db.close()
