@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,15 @@ def test_process_gives_one_clear_line_per_bad_message_and_exits_1(workdir: Path,
     failed = sqapi("-c", "cfg.yml", "messages", "--status", "FAILED", cwd=workdir).stdout
     assert {line.split()[0] for line in failed.splitlines()} == {"no-location", "outside", "raises"}
     assert status_db("SELECT uuid FROM kept") == [("raises",)]  # the other plugin's work is intact
+    # narrowed by plugin and by time (the rows were all written within the last hour, none in the future)
+    by_plugin = sqapi("-c", "cfg.yml", "messages", "--plugin", "raiser", cwd=workdir).stdout
+    assert [line.split()[:2] for line in by_plugin.splitlines()] == [["raises", "FAILED"]]
+    hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    recent = sqapi("-c", "cfg.yml", "messages", "--status", "FAILED", "--since", hour_ago, cwd=workdir).stdout
+    assert len(recent.splitlines()) == 3
+    assert sqapi("-c", "cfg.yml", "messages", "--until", hour_ago, cwd=workdir).stdout == ""
+    backwards = sqapi("-c", "cfg.yml", "messages", "--since", "2030-01-01", "--until", "2029-01-01", cwd=workdir)
+    assert backwards.returncode == 2 and "--since is after --until" in backwards.stderr
 
 
 def test_process_builds_a_message_for_a_data_file_and_reads_stdin(workdir: Path, write_data) -> None:

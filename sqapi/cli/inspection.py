@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from sqapi.cli.base import (
     config_option,
     load,
     main,
+    moment_option,
     register_plugin_secrets,
+    utc_text,
 )
 from sqapi.core.status import MESSAGE_STATUSES
 from sqapi.errors import SqapiError
@@ -198,15 +201,27 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, uuid: str
 @click.option("--status", "status_filter", type=click.Choice(
     [str(status) for status in MESSAGE_STATUSES], case_sensitive=False),
     help="Only messages with this status.")
+@click.option("--plugin", help="Only messages this plugin has a row for (it ran, or failed, on them).")
+@click.option("--since", callback=moment_option, help="Only messages updated at or after this time (ISO 8601; UTC "
+              "unless it says).")
+@click.option("--until", callback=moment_option, help="Only messages updated at or before this time.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @click.pass_context
-def messages(ctx: click.Context, config_path: str | None, status_filter: str | None, limit: int,
-             as_json: bool) -> None:
-    """List recent messages, newest first: "<uuid> <STATUS> <updated_at> [info]"."""
+def messages(ctx: click.Context, config_path: str | None, status_filter: str | None, plugin: str | None,
+             since: datetime | None, until: datetime | None, limit: int, as_json: bool) -> None:
+    """List recent messages, newest first: "<uuid> <STATUS> <updated_at> [info]".
+
+    \b
+    Examples:
+      sqapi messages --status FAILED --plugin ocr --since 2026-11-30T06:00Z
+      sqapi messages --since 2026-11-30 --until 2026-11-30T12:00 --json"""
+    if since and until and since > until:
+        raise click.BadParameter("--since is after --until", param_hint="--since")
     database = _open_database(ctx, config_path)
     try:
-        rows = database.list_messages(status=status_filter.upper() if status_filter else None, limit=limit)
+        rows = database.list_messages(status=status_filter.upper() if status_filter else None, plugin=plugin,
+                                      limit=limit, since=utc_text(since), until=utc_text(until))
     finally:
         database.close()
     for row in rows:

@@ -9,20 +9,11 @@ from datetime import datetime
 
 import click
 
-from sqapi.cli.base import config_option, load, main
+from sqapi.cli.base import config_option, load, main, moment_option
 from sqapi.core.status import MESSAGE_STATUSES
 from sqapi.errors import SqapiError
-from sqapi.redrive import Selection, SelectionError, describe_selection, parse_moment, redrive
+from sqapi.redrive import Selection, SelectionError, describe_selection, redrive
 from sqapi.reprocess import BATCH_SIZE, reprocess
-
-
-def _moment(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return parse_moment(value)
-    except SelectionError as exc:
-        raise click.BadParameter(str(exc), param=param) from None
 
 
 def _echo_progress(line: str) -> None:
@@ -35,8 +26,8 @@ def _echo_progress(line: str) -> None:
 @click.option("--status", "status", type=click.Choice([str(s) for s in MESSAGE_STATUSES], case_sensitive=False),
               help="Messages with this status. Default: FAILED (with --uuid: any but DONE, QUERYING, PROCESSING).")
 @click.option("--plugin", help="Messages this plugin did not finish (its row is not DONE).")
-@click.option("--since", callback=_moment, help="Changed at or after this time (ISO 8601; UTC unless it says).")
-@click.option("--until", callback=_moment, help="Changed at or before this time (ISO 8601; UTC unless it says).")
+@click.option("--since", callback=moment_option, help="Changed at or after this time (ISO 8601; UTC unless it says).")
+@click.option("--until", callback=moment_option, help="Changed at or before this time (ISO 8601; UTC unless it says).")
 @click.option("--reason", help="Whose reason (status info; the plugin's, with --plugin) contains this text, any case.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be re-published; change nothing.")
 @click.pass_context

@@ -434,8 +434,10 @@ class StatusStore:
             "WHERE uuid = %(uuid)s ORDER BY plugin", uuid=uuid)
 
     def list_messages(self, status: str | None = None, plugin: str | None = None, limit: int = 100,
-                      before: str | None = None, before_uuid: str | None = None) -> list[dict[str, Any]]:
-        """Newest first; ``before`` (an ``updated_at`` value) pages further back.
+                      before: str | None = None, before_uuid: str | None = None, since: str | None = None,
+                      until: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; ``before`` (an ``updated_at`` value) pages further back; ``since``/``until`` (ISO 8601
+        UTC, as :func:`utcnow` writes) keep those updated in that span, both ends included.
 
         Rows are ordered by ``(updated_at DESC, uuid)``; pass the last row's ``updated_at`` and
         ``uuid`` as ``before`` and ``before_uuid`` to get the next page without skipping rows
@@ -456,6 +458,12 @@ class StatusStore:
         elif before:
             clauses.append("m.updated_at < %(before)s")
             params["before"] = before
+        if since:
+            clauses.append("m.updated_at >= %(since)s")
+            params["since"] = since
+        if until:
+            clauses.append("m.updated_at <= %(until)s")
+            params["until"] = until
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         return self.execute_query(
             f"SELECT m.* FROM messages m {where} ORDER BY m.updated_at DESC, m.uuid LIMIT %(limit)s", **params)

@@ -902,8 +902,9 @@ class Database(StatusStore):
         return [_status_row(row) for row in super().get_history(uuid)]
 
     def list_messages(self, status: str | None = None, plugin: str | None = None, limit: int = 100,
-                      before: str | None = None, before_uuid: str | None = None) -> list[dict[str, Any]]:
-        rows = super().list_messages(status, plugin, limit, before, before_uuid)
+                      before: str | None = None, before_uuid: str | None = None, since: str | None = None,
+                      until: str | None = None) -> list[dict[str, Any]]:
+        rows = super().list_messages(status, plugin, limit, before, before_uuid, since, until)
         return [_status_row(row) for row in rows]
 
 
