@@ -123,6 +123,12 @@ def status_tables_found(database: Any) -> bool | None:
     return bool(has_tables()) if callable(has_tables) else None
 
 
+def history(database: Any, uuid: str) -> list[dict[str, Any]]:
+    """A message's events, oldest first (``message_events``); empty for a database type that keeps none."""
+    get_history = getattr(database, "get_history", None)
+    return list(get_history(uuid)) if callable(get_history) else []
+
+
 def where(component: Any, section: dict[str, Any], with_schema: bool = False) -> str:
     """Where a connector is, for people: what it says of itself (``describe()``/``where()``, on it or on its
     ``settings``), else its section's address keys (URLs without user info or query).  Never a password.

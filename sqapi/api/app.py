@@ -37,6 +37,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Flask, Response, current_app, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
+from sqapi import registry
 from sqapi.api import dashboard, openapi, responding, session
 from sqapi.api.console import console
 from sqapi.api.health import Component, HealthCheck
@@ -299,7 +300,7 @@ def message(uuid: str) -> Response:
         plugin_row["result"] = dashboard.decode_result(plugin_row.get("result"))
     failed = [p["plugin"] for p in plugin_rows if p["status"] == Status.FAILED]
     row["metadata"] = decode_metadata(row.get("metadata"))
-    history = database.get_history(uuid) if hasattr(database, "get_history") else []
+    history = registry.history(database, uuid)
     return responding.ok({**row, "plugins": plugin_rows, "failed_plugins": failed, "history": history})
 
 

@@ -173,7 +173,7 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, uuid: str
             sys.exit(1)
         plugin_rows = database.get_plugin_rows(uuid)
         try:
-            history = database.get_history(uuid) if hasattr(database, "get_history") else []
+            history = registry.history(database, uuid)
         except SqapiError as exc:  # a schema older than message_events: the loader adds it when it starts
             click.echo(f"no history: {exc}", err=True)
             history = []
