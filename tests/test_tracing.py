@@ -4,6 +4,7 @@ the trace id in its row, the webhook's traceparent (a real HTTP receiver), and n
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,13 +12,17 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 
 from sqapi import tracing
+from sqapi.api.app import create_app
+from sqapi.api.openapi import SCHEMAS
 from sqapi.app import Sqapi, build
+from sqapi.cli import main
 from sqapi.config import Config
 from sqapi.core.outcome import Delivery
 from sqapi.errors import ConfigError
@@ -135,9 +140,13 @@ def test_one_message_gives_a_process_span_linked_to_the_publisher_with_plugin_fe
     assert plugin_spans["plugin alpha"]["sqapi.plugin.name"] == "alpha"
     assert plugin_spans["plugin alpha"]["sqapi.plugin.status"] == "DONE"
     assert plugin_spans["plugin alpha"]["sqapi.plugin.attempt"] == 1
-    # the trace id is in the message's row, and the webhook's request carries the webhook span's traceparent
+    # the trace id is in the message's row (GET /messages/<uuid>, sqapi status show it), and the webhook's
+    # request carries the webhook span's traceparent
     row = app.database.get_message("u-1")
     assert row["trace_id"] == PUBLISHER_TRACE
+    assert create_app(app).test_client().get("/messages/u-1").get_json()["trace_id"] == PUBLISHER_TRACE
+    shown = CliRunner().invoke(main, ["status", "u-1"], catch_exceptions=False)
+    assert re.search(rf"^trace_id +{PUBLISHER_TRACE}$", shown.output, re.MULTILINE), shown.output
     [webhook_span] = [s for s in children if s.name == "plugin webhook"]
     [got] = receiver.received
     assert got.headers["traceparent"] == \
@@ -205,6 +214,29 @@ def test_a_later_untraced_attempt_keeps_the_trace_id_of_the_one_before(
     traced.process(body("u-5", location), Delivery("d-5", trace_context={"traceparent": TRACEPARENT}))
     traced.process(body("u-5", location), Delivery("d-6"))  # DONE already: no status written but the count
     assert traced.database.get_message("u-5")["trace_id"] == PUBLISHER_TRACE
+
+
+# -- the column ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_a_messages_table_made_before_the_trace_id_column_gets_it(
+        database: str, traced_app: Callable[..., Sqapi], write_plugin: Callable[..., Path],
+        write_data: Callable[[str, str], str], workdir: Path) -> None:
+    write_plugin("alpha", COUNTER)
+    config: dict[str, Any] = {"active_plugins": ["alpha"]}
+    if database == "sqlite":
+        config["database"] = {"type": "sqlite", "path": str(workdir / "status.db")}
+    app = traced_app(config)
+    app.database.execute_query("ALTER TABLE messages DROP COLUMN trace_id")
+    app.database.initialize_message_table()
+    app.database.initialize_message_table()  # and again: adding it is idempotent
+
+    app.process(body("old-1", write_data("old.txt", "x")), Delivery("d", trace_context={"traceparent": TRACEPARENT}))
+
+    assert app.database.get_message("old-1")["trace_id"] == PUBLISHER_TRACE
+
+
+def test_the_openapi_document_describes_trace_id() -> None:
+    assert SCHEMAS["MessageRow"]["properties"]["trace_id"]["type"] == ["string", "null"]
 
 
 # -- configuration ---------------------------------------------------------------------------------
