@@ -22,12 +22,12 @@ from sqapi.core.message import private_copy
 from sqapi.core.plugins import Plugin, PluginSet
 from sqapi.core.results import dump_result, result_was_omitted
 from sqapi.core.runner import PluginRunner
-
-if TYPE_CHECKING:
-    from sqapi.core.tracing import MessageTracing
 from sqapi.errors import PermanentError, PluginFailed, PluginTimeout, is_retryable
 from sqapi.errors import describe_error as describe
 from sqapi.logs import abbreviate
+
+if TYPE_CHECKING:
+    from sqapi.core.tracing import MessageTracing
 
 log = logging.getLogger(__name__)
 
