@@ -150,3 +150,49 @@ def test_post_messages_continues_the_callers_trace_into_the_amqp_headers(
     [(properties, _body)] = take_all(vhost, "sqapi")
     assert re.fullmatch(rf"00-{CALLER_TRACE}-{format_span_id(send.context.span_id)}-0[13]",
                         properties.headers["traceparent"])
+
+
+FLAKY = """
+from pathlib import Path
+
+def execute(config, database, message, metadata, data):
+    marker = Path(config.custom["flaky_marker"])
+    if not marker.exists():
+        marker.write_text("failed once")
+        raise RuntimeError("first attempt fails")
+    return {"ok": True}
+"""
+
+
+def test_a_retried_message_keeps_its_traceparent_so_every_attempt_is_in_the_publishers_trace(
+        make_config: Callable[..., Config], provider: TracerProvider, exporter: InMemorySpanExporter,
+        broker: dict[str, Any], write_plugin: Callable[..., Path], write_data: Callable[[str, str], str],
+        workdir: Path) -> None:
+    write_plugin("flaky", FLAKY)
+    write_data("item.txt", "hello")
+    app = build(make_config({"msg_broker": broker, "active_plugins": ["flaky"],
+                             "custom": {"flaky_marker": str(workdir / "flaky")}}), tracer_provider=provider)
+    try:
+        publisher = Publisher(broker)
+        publisher.open()
+        try:
+            with tracing.publishing(provider.get_tracer("test"), broker, "r-1") as headers:
+                publisher.publish(json.dumps({"uuid_ref": "r-1", "data_location": "item.txt"}).encode(),
+                                  message_id="r-1", headers=headers)
+        finally:
+            publisher.close()
+        with listening(app):
+            wait_until(lambda: len([s for s in exporter.get_finished_spans() if s.name == "process sqapi"]) == 2,
+                       what="two attempts' process spans")
+        assert app.database.get_message("r-1")["status"] == "DONE"
+    finally:
+        app.close()
+
+    spans = exporter.get_finished_spans()
+    send = one(spans, "send sqapi")
+    first, second = sorted((s for s in spans if s.name == "process sqapi"), key=lambda s: s.start_time or 0)
+    for attempt in (first, second):
+        assert attempt.context.trace_id == send.context.trace_id
+        assert attempt.parent is not None and attempt.parent.span_id == send.context.span_id
+    assert [dict(s.attributes or {})["sqapi.message.status"] for s in (first, second)] == ["RETRY", "DONE"]
+    assert dict(second.attributes or {})["sqapi.delivery.attempt"] == 2
