@@ -38,3 +38,25 @@ CREATE TABLE IF NOT EXISTS message_plugins (
 );
 
 CREATE INDEX IF NOT EXISTS message_plugins_plugin_status ON message_plugins (plugin, status);
+
+-- the plugin's declared version (config.yml: plugin.version) that produced the row; NULL: it declares none
+ALTER TABLE message_plugins ADD COLUMN IF NOT EXISTS version TEXT;
+
+-- The history: one row per plugin outcome of every attempt (plugin set), and per attempt's outcome
+-- (plugin NULL: DONE, RETRY or FAILED), written with the status rows above.  Oldest first: ORDER BY id.
+CREATE TABLE IF NOT EXISTS message_events (
+    id          BIGSERIAL PRIMARY KEY,
+    uuid        TEXT NOT NULL REFERENCES messages (uuid) ON DELETE CASCADE,
+    attempt     INTEGER,           -- messages.attempts when it was written
+    plugin      TEXT,              -- NULL: the message's own status
+    status      TEXT NOT NULL,
+    info        TEXT,
+    duration_ms DOUBLE PRECISION,
+    version     TEXT,              -- the plugin's version that ran
+    loader      TEXT,              -- who wrote it: host:pid
+    at          TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS message_events_uuid ON message_events (uuid, id);
+-- for sqapi prune: events arrive in time order, so a BRIN index (a few pages, next to nothing per insert) serves it
+CREATE INDEX IF NOT EXISTS message_events_at ON message_events USING brin (at);

@@ -28,7 +28,25 @@ CREATE TABLE IF NOT EXISTS message_plugins (
     result      TEXT,
     attempts    INTEGER NOT NULL DEFAULT 0,
     updated_at  TEXT NOT NULL,
+    version     TEXT,          -- the plugin's declared version that produced the row
     PRIMARY KEY (uuid, plugin)
 );
 
 CREATE INDEX IF NOT EXISTS message_plugins_plugin_status ON message_plugins (plugin, status);
+
+-- the history: every plugin outcome of every attempt, and each attempt's outcome (plugin NULL)
+CREATE TABLE IF NOT EXISTS message_events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    uuid        TEXT NOT NULL REFERENCES messages (uuid) ON DELETE CASCADE,
+    attempt     INTEGER,
+    plugin      TEXT,
+    status      TEXT NOT NULL,
+    info        TEXT,
+    duration_ms REAL,
+    version     TEXT,
+    loader      TEXT,
+    at          TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS message_events_uuid ON message_events (uuid, id);
+CREATE INDEX IF NOT EXISTS message_events_at ON message_events (at);

@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
@@ -48,7 +49,7 @@ DEFAULT_WORKERS = 4
 
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "processing": ("workers", "processes", "plugin_timeout", "max_result_bytes", "temp_dir", "metrics_port",
-                   "metrics_host"),
+                   "metrics_host", "history_retention"),
     "api": ("host", "port", "token", "threads", "max_body_bytes", "max_upload_bytes", "health_timeout",
             "blueprints_directory"),
     "msg_broker.retry": ("max_attempts", "initial_delay", "multiplier", "max_delay"),
@@ -258,6 +259,12 @@ def validate_structure(config: Mapping[str, Any], user: Mapping[str, Any], sourc
              "set processing.processes to auto (one per CPU where that helps) or a number")
     check_number(processing, "plugin_timeout", "processing", fail, minimum=0, optional=True)
     check_number(processing, "max_result_bytes", "processing", fail, integer=True, minimum=0)
+    if processing.get("history_retention") not in (None, ""):
+        try:
+            parse_duration(processing["history_retention"], "processing.history_retention")
+        except ValueError:
+            fail("processing.history_retention", f"must be a duration, not {processing['history_retention']!r}",
+                 "write e.g. history_retention: 30d (units s, m, h, d, w), or null to keep every event")
     check_number(processing, "metrics_port", "processing", fail, integer=True, minimum=0, optional=True)
     check_api(config.get("api") or {}, fail)
     parser = broker.get("parser") or {}
@@ -320,6 +327,20 @@ def parse_size(value: Any, key: str) -> int | None:
     if match is None or float(match.group(1)) <= 0:
         raise ValueError(f"{key} must be a size like 512MB or 2GiB (or a number of bytes), not {value!r}")
     return int(float(match.group(1)) * 1024 ** _SIZE_UNITS[match.group(2).upper()])
+
+
+_DURATION = re.compile(r"\s*(\d+)\s*([smhdw])\s*")
+_DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any, key: str) -> timedelta:
+    """A duration from a text like ``30d``, ``12h``, ``45m``, ``90s`` or ``2w``.
+
+    Raises ``ValueError`` naming ``key`` for anything else (zero included: it would mean everything)."""
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"{key} must be a duration like 30d, 12h, 45m, 90s or 2w, not {value!r}")
+    return timedelta(seconds=int(match.group(1)) * _DURATION_SECONDS[match.group(2)])
 
 
 def require_keys(section: Mapping[str, Any], topic: str, keys: Iterable[tuple[str, type | tuple[type, ...]]],

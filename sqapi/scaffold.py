@@ -35,6 +35,7 @@ def execute(config: Any, database: Any, message: Any, metadata: dict[str, Any], 
 
 _CONFIG = """# Merged over the main config for this plugin only.
 plugin:
+  version: '1'        # recorded with every run (message_plugins.version); raise it when the output changes
   mime_types: []      # e.g. [application/pdf, 'text/*']; empty: every type
   after: []           # plugins whose results this one needs (message.results)
   timeout: 60         # seconds; a call still running then has its worker process killed

@@ -13,7 +13,7 @@ Endpoints (SPEC section 10; ``docs/api.md`` describes each)::
     GET /rules             every URL rule
     GET /messages          ?status=&plugin=&limit=&before=&before_uuid= (newest first, paged)
     POST /messages         publish a JSON message or a multipart upload (stored first); 202
-    GET /messages/<uuid>   one message with its per-plugin rows
+    GET /messages/<uuid>   one message with its per-plugin rows and its history (every attempt's events)
     DELETE /messages/<uuid>          publish sqapi's delete action for it; 202
     GET /messages/<uuid>/data        its data from the data store (mime type, ETag = sha256, Range)
     GET /messages/<uuid>/metadata    the metadata its last attempt used (messages.metadata)
@@ -307,7 +307,8 @@ def message(uuid: str) -> Response:
         plugin_row["result"] = dashboard.decode_result(plugin_row.get("result"))
     failed = [p["plugin"] for p in plugin_rows if p["status"] == Status.FAILED]
     row["metadata"] = decode_metadata(row.get("metadata"))
-    return responding.ok({**row, "plugins": plugin_rows, "failed_plugins": failed})
+    history = database.get_history(uuid) if hasattr(database, "get_history") else []
+    return responding.ok({**row, "plugins": plugin_rows, "failed_plugins": failed, "history": history})
 
 
 def decode_metadata(text: Any) -> Any:

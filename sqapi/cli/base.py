@@ -115,7 +115,10 @@ def main(ctx: click.Context, config_path: str | None, log_level: str | None, jso
       sqapi api                              only the API: dashboard on http://127.0.0.1:5000/
       sqapi plugins                          which plugins are active, and why others are not
       sqapi messages --status FAILED         what failed, and why
-      sqapi status UUID                      one message with each plugin's outcome
+      sqapi status UUID                      one message with each plugin's outcome and its history
+      sqapi prune --older-than 30d           let go of history older than 30 days
+      sqapi redrive --plugin P --status FAILED   re-run P where it failed (also from <queue>.dead)
+      sqapi reprocess --plugin P --outdated  re-run P (and what runs after it) where an older P ran
       sqapi check                            reach every configured system
       sqapi es apply-template                send es_indexer's changed index template to Elasticsearch
       sqapi init [DIR]                       write a production config to edit, and a plugins/ folder

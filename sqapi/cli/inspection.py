@@ -158,7 +158,10 @@ def _open_database(ctx: click.Context, config_path: str | None) -> Any:
 @click.argument("uuid")
 @click.pass_context
 def status(ctx: click.Context, config_path: str | None, as_json: bool, uuid: str) -> None:
-    """Show one message's status and each plugin's outcome (exit 1 if the uuid is unknown)."""
+    """Show one message's status, each plugin's outcome, then its history: every event of every attempt, oldest
+    first (exit 1 if the uuid is unknown)."""
+    from sqapi.history import timeline
+
     database = _open_database(ctx, config_path)
     try:
         row = database.get_message(uuid)
@@ -166,17 +169,28 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, uuid: str
             click.echo(f"{uuid}: no such message", err=True)
             sys.exit(1)
         plugin_rows = database.get_plugin_rows(uuid)
+        try:
+            history = database.get_history(uuid) if hasattr(database, "get_history") else []
+        except SqapiError as exc:  # a schema older than message_events: the loader adds it when it starts
+            click.echo(f"no history: {exc}", err=True)
+            history = []
     finally:
         database.close()
     if as_json:
-        click.echo(json.dumps({**row, "plugins": plugin_rows}, indent=2, default=str))
+        click.echo(json.dumps({**row, "plugins": plugin_rows, "history": history}, indent=2, default=str))
         return
     for key in ("uuid", "status", "info", "data_location", "meta_location", "data_type", "hash_digest",
                 "attempts", "created_at", "updated_at", "trace_id"):
         click.echo(f"{key:<14} {row.get(key) if row.get(key) is not None else ''}")
     for plugin in plugin_rows:
         took = f"{plugin['duration_ms']:.1f} ms" if plugin.get("duration_ms") is not None else ""
-        click.echo(f"plugin {plugin['plugin']:<20} {plugin['status']:<8} {took:>10}  {plugin.get('info') or ''}")
+        version = f"version {plugin['version']}  " if plugin.get("version") else ""
+        click.echo(f"plugin {plugin['plugin']:<20} {plugin['status']:<8} {took:>10}  {version}"
+                   f"{plugin.get('info') or ''}".rstrip())
+    if history:
+        click.echo("history (oldest first)")
+        for line in timeline(history):
+            click.echo(f"  {line}")
 
 
 @main.command()

@@ -153,8 +153,8 @@ class PluginPipeline:
             if retryable and w.may_retry:
                 w.retrying.add(plugin.name)
             return {"uuid": message.uuid, "plugin": plugin.name, "status": FAILED, "info": reason,
-                    "duration_ms": seconds * 1000.0}
+                    "duration_ms": seconds * 1000.0, "version": plugin.version}
         w.results[plugin.name] = result
         w.statuses[plugin.name] = {"status": DONE, "info": None}
         return {"uuid": message.uuid, "plugin": plugin.name, "status": DONE, "duration_ms": seconds * 1000.0,
-                "result": dump_result(result, self.max_result_bytes)}
+                "result": dump_result(result, self.max_result_bytes), "version": plugin.version}

@@ -83,6 +83,7 @@ class Plugin:
     after: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=lambda: ["process"])
     timeout: float | None = None
+    version: str | None = None         # ``plugin.version``: recorded with every row and event of its runs
     isolation: str = PROCESS
     thread_safe: bool = False
     concurrency: int | None = None     # worker processes at most (None: processing.workers)
@@ -120,6 +121,7 @@ class Plugin:
             "after": list(self.after),
             "actions": list(self.actions),
             "timeout": self.timeout,
+            "version": self.version,
             "isolation": self.isolation,
             "thread_safe": self.thread_safe,
             "concurrency": self.concurrency,
@@ -280,6 +282,7 @@ def _load_one(plugin: Plugin, main: Config, make_database: Callable[[dict[str, A
                                     or timeout < 0):
             raise ValueError(f"plugin.timeout must be a number of seconds, not {timeout!r}")
         plugin.timeout = float(timeout) if timeout else None
+        plugin.version = _version(own)
         _isolation(plugin, section)
         check = getattr(plugin.module, "check", None)
         if callable(check):
@@ -317,6 +320,24 @@ def _isolation(plugin: Plugin, section: Mapping[str, Any]) -> None:
     plugin.max_memory = parse_size(section.get("max_memory"), "plugin.max_memory")
     if plugin.max_memory is not None and isolation == THREAD:
         raise ValueError("plugin.max_memory caps a worker process's memory: it needs isolation: process")
+
+
+def _version(own: Mapping[str, Any]) -> str | None:
+    """The version the plugin's own ``config.yml`` declares (``version:``, or ``plugin: {version: ...}``), if any.
+
+    A string: YAML reads ``1.10`` as the number 1.1, so a number is refused rather than guessed at.
+    Only the plugin's own file counts: the main config's ``plugin`` section is no plugin's version."""
+    section = own.get("plugin")
+    top, nested = own.get("version"), section.get("version") if isinstance(section, dict) else None
+    if top is not None and nested is not None and top != nested:
+        raise ValueError(f"config.yml declares two versions, version: {top!r} and plugin.version: {nested!r}: keep one")
+    value = top if top is not None else nested
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"version must be a non-empty string, not {value!r}: quote it in config.yml, "
+                         f"e.g. version: '1.10'")
+    return value.strip()
 
 
 def _own_config(plugin: Plugin) -> dict[str, Any]:

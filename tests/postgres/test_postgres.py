@@ -59,7 +59,7 @@ def test_a_transaction_runs_on_one_connection(database: Database) -> None:
 def test_tables_live_in_the_configured_schema(database: Database, pg_schema: str) -> None:
     rows = database.execute_query("SELECT table_name FROM information_schema.tables WHERE table_schema = "
                                   "%(schema)s ORDER BY table_name", schema=pg_schema)
-    assert [r["table_name"] for r in rows] == ["message_plugins", "messages"]
+    assert [r["table_name"] for r in rows] == ["message_events", "message_plugins", "messages"]
 
 
 def test_a_missing_schema_is_created(pg_section: dict[str, Any], pg_schema: str) -> None:

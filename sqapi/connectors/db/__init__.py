@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -33,13 +34,15 @@ from typing import Any, Protocol
 
 from sqapi.config import init_script_of  # noqa: F401  (re-exported: connectors and sqAPI code import it here)
 from sqapi.core.results import OMITTED, dump_result, result_was_omitted  # noqa: F401  (re-exported)
-from sqapi.core.status import MESSAGE_STATUSES, Status  # noqa: F401  (MESSAGE_STATUSES re-exported)
+from sqapi.core.status import FINAL_STATUSES, MESSAGE_STATUSES, Status  # noqa: F401  (MESSAGE_STATUSES re-exported)
 from sqapi.errors import PermanentError
 from sqapi.resources import CORE_SCRIPTS  # the folder holding the core schema (re-exported)
 
 #: The tables of the core schema.
 STATUS_TABLES = ("messages", "message_plugins")
-
+#: The message statuses recorded in ``message_events`` (plugin NULL) as they are written: those that end an attempt.
+#: The in-between ones (QUERYING, PROCESSING) are not: the plugin events and the outcome tell the attempt's story.
+EVENT_STATUSES = FINAL_STATUSES
 
 
 _DOLLAR_QUOTE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
@@ -107,6 +110,18 @@ def load_script(path: str | os.PathLike[str]) -> Script:
     with _SCRIPTS_LOCK:
         _SCRIPTS[key] = (stamp, script)
     return script
+
+
+_LOADER: tuple[int, str] | None = None
+
+
+def loader_name() -> str:
+    """Who writes a status: ``host:pid`` of this process (``message_events.loader``)."""
+    global _LOADER
+    pid = os.getpid()
+    if _LOADER is None or _LOADER[0] != pid:  # computed once per process (a fork gets its own)
+        _LOADER = (pid, f"{socket.gethostname()}:{pid}")
+    return _LOADER[1]
 
 
 def utcnow() -> str:
@@ -190,14 +205,32 @@ ON_PLUGIN_CONFLICT = """ON CONFLICT (uuid, plugin) DO UPDATE SET
     info = excluded.info,
     duration_ms = excluded.duration_ms,
     result = excluded.result,
+    version = excluded.version,
     attempts = message_plugins.attempts + 1,
     updated_at = excluded.updated_at
 """
 
 _UPSERT_PLUGIN = f"""
-INSERT INTO message_plugins (uuid, plugin, status, info, duration_ms, result, attempts, updated_at)
-VALUES (%(uuid)s, %(plugin)s, %(status)s, %(info)s, %(duration_ms)s, %(result)s, 1, %(now)s)
+INSERT INTO message_plugins (uuid, plugin, status, info, duration_ms, result, version, attempts, updated_at)
+VALUES (%(uuid)s, %(plugin)s, %(status)s, %(info)s, %(duration_ms)s, %(result)s, %(version)s, 1, %(now)s)
 {ON_PLUGIN_CONFLICT}"""
+
+#: a plugin row's event (run after its upsert; the attempt is the message's count)
+_PLUGIN_EVENT = """
+INSERT INTO message_events (uuid, attempt, plugin, status, info, duration_ms, version, loader, at)
+SELECT %(uuid)s, attempts, %(plugin)s, %(status)s, %(info)s, %(duration_ms)s, %(version)s, %(loader)s, %(now)s
+FROM messages WHERE uuid = %(uuid)s"""
+
+#: a message status's event (run after its upsert), for the statuses that end an attempt
+_MESSAGE_EVENT = f"""
+INSERT INTO message_events (uuid, attempt, status, info, loader, at)
+SELECT uuid, attempts, status, info, %(loader)s, %(now)s FROM messages
+WHERE uuid = %(uuid)s AND status IN ({", ".join(f"'{s}'" for s in EVENT_STATUSES)})"""
+
+#: a message's history, oldest first (one uuid's writes are serialised by its claim: ``id`` orders them)
+HISTORY_QUERY = """
+SELECT id, attempt, plugin, status, info, duration_ms, version, loader, at FROM message_events
+WHERE uuid = %(uuid)s ORDER BY id"""
 
 
 class StatusStore:
@@ -251,8 +284,15 @@ class StatusStore:
         return claims
 
     def update_message(self, message: Any, status: str, info: str | None = None) -> None:
-        """Record ``status`` (and ``info``) for ``message``; creates the row when it is new."""
-        self.execute_query(_UPSERT_MESSAGE, **_message_params(message, status, info, attempts=0))
+        """Record ``status`` (and ``info``) for ``message``; creates the row when it is new.  A status that ends an
+        attempt (:data:`EVENT_STATUSES`) is also added to the message's history, in the same transaction."""
+        params = _message_params(message, status, info, attempts=0)
+        if status not in EVENT_STATUSES:
+            self.execute_query(_UPSERT_MESSAGE, **params)
+            return
+        with self.transaction():
+            self.execute_query(_UPSERT_MESSAGE, **params)
+            self.execute_query(_MESSAGE_EVENT, **params)
 
     def execute_many(self, query: str, rows: Sequence[dict[str, Any]]) -> None:
         """Run one statement (returning no rows) for each parameter set in ``rows``, in one transaction."""
@@ -289,16 +329,22 @@ class StatusStore:
         if len(updates) == 1:
             self.update_message(*updates[0])
         elif updates:
-            self.execute_many(_UPSERT_MESSAGE, [_message_params(m, s, i, attempts=0) for m, s, i in updates])
+            params = [_message_params(m, s, i, attempts=0) for m, s, i in updates]
+            with self.transaction():
+                self.execute_many(_UPSERT_MESSAGE, params)
+                events = [p for p in params if p["status"] in EVENT_STATUSES]
+                if events:
+                    self.execute_many(_MESSAGE_EVENT, events)
 
     def update_plugins(self, rows: Sequence[dict[str, Any]]) -> None:
         """Record several plugin outcomes (dicts of :meth:`update_plugin`'s arguments) in one transaction."""
         if len(rows) == 1:
             self.update_plugin(**rows[0])
         elif rows:
-            now = utcnow()
-            self.execute_many(_UPSERT_PLUGIN, [{"info": None, "duration_ms": None, "result": None, "now": now, **row}
-                                               for row in rows])
+            params = [_plugin_params(**row) for row in rows]
+            with self.transaction():
+                self.execute_many(_UPSERT_PLUGIN, params)
+                self.execute_many(_PLUGIN_EVENT, params)
 
     def record_progress(self, updates: Sequence[tuple[Any, str, str | None]], rows: Sequence[dict[str, Any]],
                         last: bool = False) -> None:
@@ -356,10 +402,17 @@ class StatusStore:
         return previous
 
     def update_plugin(self, uuid: str, plugin: str, status: str, info: str | None = None,
-                      duration_ms: float | None = None, result: str | None = None) -> None:
-        """Record one plugin's outcome for one message."""
-        self.execute_query(_UPSERT_PLUGIN, uuid=uuid, plugin=plugin, status=status, info=info,
-                           duration_ms=duration_ms, result=result, now=utcnow())
+                      duration_ms: float | None = None, result: str | None = None, version: str | None = None) -> None:
+        """Record one plugin's outcome for one message (``version``: the plugin's that ran), and add it to the
+        message's history, in one transaction."""
+        params = _plugin_params(uuid, plugin, status, info, duration_ms, result, version)
+        with self.transaction():
+            self.execute_query(_UPSERT_PLUGIN, **params)
+            self.execute_query(_PLUGIN_EVENT, **params)
+
+    def get_history(self, uuid: str) -> list[dict[str, Any]]:
+        """Every event of ``uuid``, oldest first: each plugin outcome of each attempt, and each attempt's outcome."""
+        return self.execute_query(HISTORY_QUERY, uuid=uuid)
 
     def forget_plugin_rows(self, uuids: list[str]) -> None:
         """Delete the plugin rows of ``uuids`` (their data changed: what plugins did with the old data is void)."""
@@ -378,7 +431,7 @@ class StatusStore:
 
     def get_plugin_rows(self, uuid: str) -> list[dict[str, Any]]:
         return self.execute_query(
-            "SELECT plugin, status, info, duration_ms, result, attempts, updated_at FROM message_plugins "
+            "SELECT plugin, status, info, duration_ms, result, version, attempts, updated_at FROM message_plugins "
             "WHERE uuid = %(uuid)s ORDER BY plugin", uuid=uuid)
 
     def list_messages(self, status: str | None = None, plugin: str | None = None, limit: int = 100,
@@ -424,6 +477,12 @@ def metadata_text(message: Any) -> str | None:
     return json.dumps(metadata, default=str)  # ASCII: a lone surrogate from a meta store cannot break the write
 
 
+def _plugin_params(uuid: str, plugin: str, status: str, info: str | None = None, duration_ms: float | None = None,
+                   result: str | None = None, version: str | None = None) -> dict[str, Any]:
+    return {"uuid": uuid, "plugin": plugin, "status": status, "info": info, "duration_ms": duration_ms,
+            "result": result, "version": version, "loader": loader_name(), "now": utcnow()}
+
+
 def _message_params(message: Any, status: str, info: str | None, attempts: int) -> dict[str, Any]:
     return {
         "uuid": message.uuid,
@@ -436,6 +495,7 @@ def _message_params(message: Any, status: str, info: str | None, attempts: int) 
         "status": status,
         "info": info,
         "attempts": attempts,
+        "loader": loader_name(),
         "now": utcnow(),
     }
 

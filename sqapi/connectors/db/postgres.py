@@ -59,11 +59,13 @@ import psycopg2.pool
 
 from sqapi.backoff import exponential
 from sqapi.connectors.db import (
+    EVENT_STATUSES,
     ON_MESSAGE_CONFLICT,
     ON_PLUGIN_CONFLICT,
     STATUS_TABLES,
     StatusStore,
     load_script,
+    loader_name,
     metadata_text,
     utcnow,
 )
@@ -249,23 +251,37 @@ WITH {_INPUT}, old AS (
 SELECT old.* FROM old
 """
 
-#: update_messages: several messages' statuses in one statement (distinct uuids); as StatusStore's upsert
+#: update_messages: several messages' statuses in one statement (distinct uuids); as StatusStore's upsert.  The
+#: statuses that end an attempt go to the history (message_events) in the same statement.
 _UPDATE_MESSAGES = f"""
-INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, metadata, trace_id, status, info,
-                      attempts, created_at, updated_at)
-SELECT uuid, data_location, meta_location, data_type, hash_digest, metadata, trace_id, status, info, 0,
-       %(now)s::timestamptz, %(now)s::timestamptz
-FROM json_to_recordset(%(rows)s::json)
-    AS t(uuid text, data_location text, meta_location text, data_type text, hash_digest text, metadata text,
-         trace_id text, status text, info text)
-{ON_MESSAGE_CONFLICT}"""
+WITH written AS (
+    INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, metadata, trace_id, status,
+                          info, attempts, created_at, updated_at)
+    SELECT uuid, data_location, meta_location, data_type, hash_digest, metadata, trace_id, status, info, 0,
+           %(now)s::timestamptz, %(now)s::timestamptz
+    FROM json_to_recordset(%(rows)s::json)
+        AS t(uuid text, data_location text, meta_location text, data_type text, hash_digest text, metadata text,
+             trace_id text, status text, info text)
+    {ON_MESSAGE_CONFLICT.rstrip()}
+    RETURNING uuid, attempts, status, info
+)
+INSERT INTO message_events (uuid, attempt, status, info, loader, at)
+SELECT uuid, attempts, status, info, %(loader)s, %(now)s::timestamptz FROM written
+WHERE status IN ({", ".join(f"'{s}'" for s in EVENT_STATUSES)})"""
 
-#: update_plugins: several plugin rows in one statement (distinct (uuid, plugin) pairs)
+#: update_plugins: several plugin rows in one statement (distinct (uuid, plugin) pairs), each also an event of the
+#: history (its attempt: the message's count, which the attempt's claim set)
 _UPDATE_PLUGINS = f"""
-INSERT INTO message_plugins (uuid, plugin, status, info, duration_ms, result, attempts, updated_at)
-SELECT uuid, plugin, status, info, duration_ms, result, 1, %(now)s::timestamptz
-FROM json_to_recordset(%(rows)s::json)
-    AS t(uuid text, plugin text, status text, info text, duration_ms float8, result text)
+WITH input AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+        AS t(n int, uuid text, plugin text, status text, info text, duration_ms float8, result text, version text)
+), events AS (
+    INSERT INTO message_events (uuid, attempt, plugin, status, info, duration_ms, version, loader, at)
+    SELECT i.uuid, m.attempts, i.plugin, i.status, i.info, i.duration_ms, i.version, %(loader)s, %(now)s::timestamptz
+    FROM input i JOIN messages m ON m.uuid = i.uuid ORDER BY i.n  -- ids in the order of the rows given
+)
+INSERT INTO message_plugins (uuid, plugin, status, info, duration_ms, result, version, attempts, updated_at)
+SELECT uuid, plugin, status, info, duration_ms, result, version, 1, %(now)s::timestamptz FROM input
 {ON_PLUGIN_CONFLICT}"""
 
 #: claim_attempts: take each uuid's advisory lock, and for those taken count the attempt, in one statement.  The
@@ -834,11 +850,12 @@ class Database(StatusStore):
         now = utcnow()
         # rows go as one JSON text (json_to_recordset): psycopg2 quotes one string, not each array element
         if rows:
-            statements.append((_UPDATE_PLUGINS, {"now": now, "rows": json.dumps([
-                {"uuid": row["uuid"], "plugin": row["plugin"], "status": row["status"], "info": row.get("info"),
-                 "duration_ms": row.get("duration_ms"), "result": row.get("result")} for row in rows])}))
+            statements.append((_UPDATE_PLUGINS, {"now": now, "loader": loader_name(), "rows": json.dumps([
+                {"n": n, "uuid": row["uuid"], "plugin": row["plugin"], "status": row["status"], "info": row.get("info"),
+                 "duration_ms": row.get("duration_ms"), "result": row.get("result"), "version": row.get("version")}
+                for n, row in enumerate(rows)])}))
         if updates:
-            statements.append((_UPDATE_MESSAGES, {"now": now, "rows": _json_rows(
+            statements.append((_UPDATE_MESSAGES, {"now": now, "loader": loader_name(), "rows": _json_rows(
                 [m for m, _s, _i in updates],
                 [{"status": status, "info": info, "metadata": metadata_text(m),
                   "trace_id": getattr(m, "trace_id", None)} for m, status, info in updates])}))
@@ -879,6 +896,9 @@ class Database(StatusStore):
 
     def get_plugin_rows(self, uuid: str) -> list[dict[str, Any]]:
         return [_status_row(row) for row in super().get_plugin_rows(uuid)]
+
+    def get_history(self, uuid: str) -> list[dict[str, Any]]:
+        return [_status_row(row) for row in super().get_history(uuid)]
 
     def list_messages(self, status: str | None = None, plugin: str | None = None, limit: int = 100,
                       before: str | None = None, before_uuid: str | None = None) -> list[dict[str, Any]]:

@@ -112,6 +112,8 @@ class Database(StatusStore):
             self.execute_query("ALTER TABLE messages ADD COLUMN metadata TEXT")
         if "trace_id" not in columns:
             self.execute_query("ALTER TABLE messages ADD COLUMN trace_id TEXT")
+        if "version" not in {row["name"] for row in self.execute_query("PRAGMA table_info(message_plugins)")}:
+            self.execute_query("ALTER TABLE message_plugins ADD COLUMN version TEXT")
 
     def execute_script(self, path: str, **kwargs: Any) -> list[dict[str, Any]]:
         """Run every statement of the script at ``path``; the rows of the last one that returns rows.

@@ -20,7 +20,7 @@ provides ``class Listener``.  Two kinds are accepted:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqapi.config import DEFAULT_WORKERS
 from sqapi.core.consumer import (
@@ -34,10 +34,13 @@ from sqapi.core.consumer import (
 )
 from sqapi.core.outcome import Delivery, Outcome
 
+if TYPE_CHECKING:
+    from sqapi.connectors.listeners._dead_letters import DeadLetters
+
 ProcessMessage = Callable[[bytes | str | Mapping[str, Any], Delivery], Outcome]
 
-__all__ = ["Inbox", "ProcessMessage", "Publisher", "Received", "SqapiListener", "Transport", "make_listener",
-           "publisher_for"]
+__all__ = ["Inbox", "ProcessMessage", "Publisher", "Received", "SqapiListener", "Transport", "dead_letters_for",
+           "make_listener", "publisher_for"]
 
 
 class Transport:
@@ -77,6 +80,11 @@ class Transport:
     @classmethod
     def publisher(cls, config: dict[str, Any]) -> Publisher:
         """What ``sqapi publish`` sends messages with; NotImplementedError for a type that cannot."""
+        raise NotImplementedError
+
+    @classmethod
+    def dead_letters(cls, config: dict[str, Any]) -> DeadLetters:
+        """Where this type sets messages aside, read back (``sqapi redrive``); NotImplementedError if it cannot."""
         raise NotImplementedError
 
 
@@ -122,6 +130,13 @@ def publisher_for(listener_class: Any, config: dict[str, Any]) -> Publisher:
     """The publisher of a listener type; NotImplementedError for one that has none (sqAPI's kind among them)."""
     if isinstance(listener_class, type) and issubclass(listener_class, Transport):
         return listener_class.publisher(config)
+    raise NotImplementedError
+
+
+def dead_letters_for(listener_class: Any, config: dict[str, Any]) -> DeadLetters:
+    """The messages a listener type set aside; NotImplementedError for one that cannot read them back."""
+    if isinstance(listener_class, type) and issubclass(listener_class, Transport):
+        return listener_class.dead_letters(config)
     raise NotImplementedError
 
 

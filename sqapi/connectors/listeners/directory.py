@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from sqapi.config import DEFAULT_WORKERS
 from sqapi.connectors.listeners import Inbox, Received, Transport
+from sqapi.connectors.listeners._dead_letters import SpoolDeadLetters
 from sqapi.core.message import MAX_BODY_BYTES
 from sqapi.core.outcome import Action, Delivery, Outcome
 from sqapi.errors import ConfigError, ConnectorError
@@ -167,6 +168,10 @@ class Listener(Transport):
     @classmethod
     def publisher(cls, config: dict[str, Any]) -> SpoolPublisher:
         return SpoolPublisher(config)
+
+    @classmethod
+    def dead_letters(cls, config: dict[str, Any]) -> SpoolDeadLetters:
+        return SpoolDeadLetters(Path(str(config.get("directory") or ".sqapi/spool")))
 
     def drained(self) -> bool:
         return not self._waiting() and not self._has_retry_waiting()

@@ -56,6 +56,7 @@ from sqapi.connectors.listeners._amqp import (
     trace_context_of,
     validate_config,
 )
+from sqapi.connectors.listeners._dead_letters import AmqpDeadLetters
 from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
 from sqapi.errors import ConnectorError
 
@@ -289,6 +290,10 @@ class Listener(Transport):
     @classmethod
     def publisher(cls, config: dict[str, Any]) -> Publisher:
         return Publisher(config)
+
+    @classmethod
+    def dead_letters(cls, config: dict[str, Any]) -> AmqpDeadLetters:
+        return AmqpDeadLetters(config)
 
     @property
     def session(self) -> _Session:
