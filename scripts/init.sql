@@ -44,9 +44,11 @@ ALTER TABLE message_plugins ADD COLUMN IF NOT EXISTS version TEXT;
 
 -- The history: one row per plugin outcome of every attempt (plugin set), and per attempt's outcome
 -- (plugin NULL: DONE, RETRY or FAILED), written with the status rows above.  Oldest first: ORDER BY id.
+-- Written on every message, so kept cheap: one btree (its key serves a message's history), no foreign key
+-- (sqapi prune --messages removes a message's events with it).
 CREATE TABLE IF NOT EXISTS message_events (
-    id          BIGSERIAL PRIMARY KEY,
-    uuid        TEXT NOT NULL REFERENCES messages (uuid) ON DELETE CASCADE,
+    id          BIGSERIAL NOT NULL,
+    uuid        TEXT NOT NULL,
     attempt     INTEGER,           -- messages.attempts when it was written
     plugin      TEXT,              -- NULL: the message's own status
     status      TEXT NOT NULL,
@@ -54,9 +56,9 @@ CREATE TABLE IF NOT EXISTS message_events (
     duration_ms DOUBLE PRECISION,
     version     TEXT,              -- the plugin's version that ran
     loader      TEXT,              -- who wrote it: host:pid
-    at          TIMESTAMPTZ NOT NULL DEFAULT now()
+    at          TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (uuid, id)
 );
 
-CREATE INDEX IF NOT EXISTS message_events_uuid ON message_events (uuid, id);
 -- for sqapi prune: events arrive in time order, so a BRIN index (a few pages, next to nothing per insert) serves it
 CREATE INDEX IF NOT EXISTS message_events_at ON message_events USING brin (at);

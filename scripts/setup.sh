@@ -33,3 +33,8 @@ if ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ]; then
     cp "$tmp/root/usr/bin/promtool" .venv/bin/promtool
     rm -rf "$tmp"
 fi
+
+# Debian's chromium and chromedriver: the dashboard's browser tests drive them (selenium, no download)
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    bash scripts/install_chromium.sh >/dev/null
+fi

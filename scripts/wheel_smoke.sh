@@ -63,6 +63,9 @@ curl -fsS -o /dev/null -w "%{http_code}" "http://127.0.0.1:$port/health" | grep 
 curl -fsS "http://127.0.0.1:$port/" > dashboard.html || fail "the dashboard does not render"
 grep -q "pdf_extractor" dashboard.html && grep -q "DONE" dashboard.html \
     || fail "the dashboard shows neither the plugin nor the DONE message"
+curl -fsS "http://127.0.0.1:$port/static/dashboard.js" | grep -q "sqapi's dashboard" \
+    && curl -fsS "http://127.0.0.1:$port/static/dashboard.css" | grep -q "\.count" \
+    || fail "the dashboard's script or style sheet is not in the wheel"
 curl -fsS "http://127.0.0.1:$port/pdf_extractor/$uuid/text" | grep -q "sqapi sample report" \
     || fail "the PDF's text is not served"
 kill "$api_pid"; wait "$api_pid" 2>/dev/null || true; api_pid=""

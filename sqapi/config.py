@@ -51,7 +51,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "processing": ("workers", "processes", "plugin_timeout", "max_result_bytes", "temp_dir", "metrics_port",
                    "metrics_host", "history_retention"),
     "api": ("host", "port", "token", "threads", "max_body_bytes", "max_upload_bytes", "health_timeout",
-            "blueprints_directory"),
+            "blueprints_directory", "secure_cookie"),
     "msg_broker.retry": ("max_attempts", "initial_delay", "multiplier", "max_delay"),
     "msg_broker.reconnect": ("initial_delay", "max_delay"),
     "tracing": ("enabled", "exporter", "endpoint", "service_name"),  # sqapi.tracing.KEYS
@@ -291,6 +291,9 @@ def check_api(api: Mapping[str, Any], fail: Any) -> None:
             parse_size(api.get(name), f"api.{name}")
         except ValueError as exc:
             fail(f"api.{name}", str(exc), f"set api.{name} to a size like 1MB or 2GiB")
+    if api.get("secure_cookie", "auto") not in ("auto", True, False):
+        fail("api.secure_cookie", f"must be auto, true or false, not {api['secure_cookie']!r}",
+             "set api.secure_cookie: true when a proxy in front ends TLS, else leave it auto")
     token = api.get("token")
     if token is not None and not isinstance(token, str):
         fail("api.token", f"must be a string, not a {type(token).__name__}",

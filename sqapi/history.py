@@ -25,13 +25,12 @@ FINISHED = (Status.DONE, Status.FAILED)
 BATCH = 5000
 
 _COUNT_EVENTS = "SELECT COUNT(*) AS n FROM message_events WHERE at < %(cutoff)s"
-_DELETE_EVENTS = ("DELETE FROM message_events WHERE id IN "
-                  "(SELECT id FROM message_events WHERE at < %(cutoff)s LIMIT %(batch)s) RETURNING id")
+#: by the table's key (uuid, id), the rows found by ``at``
+_DELETE_EVENTS = ("DELETE FROM message_events WHERE (uuid, id) IN "
+                  "(SELECT uuid, id FROM message_events WHERE at < %(cutoff)s LIMIT %(batch)s) RETURNING id")
 _FINISHED = f"status IN ({', '.join(repr(str(s)) for s in FINISHED)}) AND updated_at < %(cutoff)s"
 _COUNT_MESSAGES = f"SELECT COUNT(*) AS n FROM messages WHERE {_FINISHED}"
-#: a message's plugin rows and events go with it (ON DELETE CASCADE)
-_DELETE_MESSAGES = (f"DELETE FROM messages WHERE uuid IN (SELECT uuid FROM messages WHERE {_FINISHED} "
-                    f"LIMIT %(batch)s) RETURNING uuid")
+_SELECT_MESSAGES = f"SELECT uuid FROM messages WHERE {_FINISHED} LIMIT %(batch)s"
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def prune(database: Any, older_than: timedelta, messages: bool = False, dry_run:
         found = _count(database, _COUNT_MESSAGES, cutoff) if messages else 0
         return Pruned(cutoff, events, found, dry_run=True)
     events = _delete(database, _DELETE_EVENTS, cutoff, progress)
-    removed = _delete(database, _DELETE_MESSAGES, cutoff, progress) if messages else 0
+    removed = _delete_messages(database, cutoff, progress) if messages else 0
     return Pruned(cutoff, events, removed, dry_run=False)
 
 
@@ -88,6 +87,25 @@ def _delete(database: Any, query: str, cutoff: str, progress: Callable[[int], No
         if progress is not None and removed:
             progress(removed)
         if removed < BATCH:
+            return total
+
+
+def _delete_messages(database: Any, cutoff: str, progress: Callable[[int], None] | None) -> int:
+    """Finished messages last updated before ``cutoff``, a batch per transaction: each with its events (the table
+    has no foreign key, to keep its writes cheap) and its plugin rows (``ON DELETE CASCADE``)."""
+    total = 0
+    while True:
+        with database.transaction():
+            uuids = [row["uuid"] for row in database.execute_query(_SELECT_MESSAGES, cutoff=cutoff, batch=BATCH)]
+            if uuids:
+                names = {f"u{i}": uuid for i, uuid in enumerate(uuids)}
+                listed = ", ".join(f"%({name})s" for name in names)
+                database.execute_query(f"DELETE FROM message_events WHERE uuid IN ({listed})", **names)
+                database.execute_query(f"DELETE FROM messages WHERE uuid IN ({listed})", **names)
+        total += len(uuids)
+        if progress is not None and uuids:
+            progress(len(uuids))
+        if len(uuids) < BATCH:
             return total
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from sqapi.app import Sqapi, build
 from sqapi.config import Config, load_config
+from tests.browser import browser, chromium  # noqa: F401 (fixtures, used by name)
 from tests.services import (  # noqa: F401 (fixtures, used by name)
     pg_schema,
     pg_section,

@@ -19,6 +19,7 @@ WRONG = [
     ("api:\n  port: 70000\n", "api.port"),
     ("api:\n  host: 12\n", "api.host"),
     ("api:\n  token: [x]\n", "api.token"),
+    ("api:\n  secure_cookie: sometimes\n", "api.secure_cookie"),
 ]
 
 

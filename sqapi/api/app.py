@@ -7,7 +7,7 @@ so a blueprint reads ``flask.current_app.config[name]`` and ``current_app.databa
 
 Endpoints (SPEC section 10; ``docs/api.md`` describes each)::
 
-    GET /                  dashboard (HTML)
+    GET /                  dashboard (HTML; its pages, sign-in and actions: sqapi.api.console)
     GET /health            each component's state; 200 all up, 503 naming what is down
     GET /plugins           active / unloaded / failed plugins, their blueprints and endpoints
     GET /rules             every URL rule
@@ -21,40 +21,38 @@ Endpoints (SPEC section 10; ``docs/api.md`` describes each)::
     GET /openapi.json      the OpenAPI 3.1 document of all of these and of the plugins' endpoints
     GET /openapi           that document rendered as a page
 
-With ``api.token`` set (default: ``$SQAPI_API_TOKEN``), every route but ``/health`` needs
-``Authorization: Bearer <token>``.
+With ``api.token`` set (default: ``$SQAPI_API_TOKEN``), every route but ``/health`` and ``/login``
+needs ``Authorization: Bearer <token>`` or the session cookie of a sign-in (``sqapi.api.session``).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request, send_file, url_for
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException
 
 from sqapi import tracing
-from sqapi.api import dashboard, openapi, responding
+from sqapi.api import dashboard, openapi, responding, session
+from sqapi.api.console import console
 from sqapi.api.health import Component, HealthCheck
 from sqapi.api.metrics import CONTENT_TYPE, Metrics
 from sqapi.api.publishing import DEFAULT_MAX_UPLOAD_BYTES, HttpPublisher, Refused, UploadRequest
 from sqapi.app import Sqapi
 from sqapi.config import parse_size, secret_values
 from sqapi.core.attempt import DELETED
-from sqapi.core.status import FINAL_STATUSES, MESSAGE_STATUSES, Status
+from sqapi.core.status import MESSAGE_STATUSES, Status
 from sqapi.errors import AccessDenied, ConnectorError, NotFound
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
-OPEN_ENDPOINTS = {"core.health", "static"}
-REFRESH_SECONDS = 10
 
 
 class SqapiFlask(Flask):
@@ -66,6 +64,7 @@ class SqapiFlask(Flask):
     metrics: Metrics
     health: HealthCheck
     registration_errors: dict[str, list[str]]
+    sessions: session.Sessions
 
 
 def _app() -> SqapiFlask:
@@ -117,9 +116,10 @@ def create_app(sqapi: Sqapi, listener: Any = None) -> SqapiFlask:
 
     token = api_token(config)
     app.config["SQAPI_TOKEN_REQUIRED"] = bool(token)
-    _install_auth(app, token)
+    app.sessions = session.install(app, token, section.get("secure_cookie", "auto"))
     _install_error_handlers(app)
     app.register_blueprint(core)
+    app.register_blueprint(console)
     _register_plugin_blueprints(app, sqapi)
     return app
 
@@ -146,25 +146,6 @@ def _components(sqapi: Sqapi, listener: Any) -> list[Component]:
     components.append(Component("data_store", kind("data_store"), sqapi.data_store.ping))
     components.append(Component("meta_store", kind("meta_store"), sqapi.meta_store.ping))
     return components
-
-
-def _install_auth(app: SqapiFlask, token: str) -> None:
-    if not token:
-        return
-    expected = token.encode()
-
-    @app.before_request
-    def require_token() -> Response | None:
-        if request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS" \
-                or isinstance(request.routing_exception, MethodNotAllowed):
-            return None  # a method the route does not take is a 405, token or not
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
-            return None
-        answer = responding.respond({"error": "unauthorized",
-                                     "details": "send the API token as 'Authorization: Bearer <token>'"}, 401)
-        answer.headers["WWW-Authenticate"] = 'Bearer realm="sqapi"'
-        return answer
 
 
 def _install_error_handlers(app: SqapiFlask) -> None:
@@ -432,31 +413,3 @@ def openapi_page() -> Response:
 @core.route("/metrics", methods=["GET"])
 def metrics() -> Response:
     return Response(_app().metrics.render(), status=200, content_type=CONTENT_TYPE)
-
-
-@core.route("/", methods=["GET"])
-def index() -> Response:
-    app = _app()
-    database = app.sqapi.database
-    now = datetime.now(UTC)
-    error = None
-    counts: dict[str, int] = {}
-    buckets: list[dashboard.MinuteBucket] = []
-    failures: list[dict[str, Any]] = []
-    latency: list[dashboard.PluginLatency] = []
-    try:
-        counts = dashboard.counts_by_status(database)
-        buckets = dashboard.throughput(database, now)
-        failures = dashboard.latest_failures(database)
-        latency = dashboard.plugin_latency(database, [p.name for p in app.sqapi.plugins.active])
-    except ConnectorError as exc:
-        error = f"status database unavailable: {exc}"
-    html = render_template(
-        "dashboard.html", counts=counts, total=sum(counts.values()), buckets=buckets,
-        peak=max([b.total for b in buckets] + [1]), failures=failures, latency=latency,
-        plugins=plugin_list(), health=app.health.check(), error=error, refresh=REFRESH_SECONDS,
-        now=now.strftime("%Y-%m-%d %H:%M:%S UTC"), final_statuses=FINAL_STATUSES)
-    answer = Response(html, status=200, mimetype="text/html")
-    answer.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-    answer.headers["Cache-Control"] = "no-store"
-    return answer

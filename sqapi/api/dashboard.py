@@ -11,7 +11,6 @@ from typing import Any
 from sqapi.core.status import MESSAGE_STATUSES, Status
 
 THROUGHPUT_MINUTES = 15
-LATEST_FAILURES = 10
 LATENCY_SAMPLE = 500      # latest runs per plugin that latency percentiles are computed over
 
 
@@ -70,15 +69,6 @@ def throughput(database: Any, now: datetime | None = None, minutes: int = THROUG
     return buckets
 
 
-def latest_failures(database: Any, limit: int = LATEST_FAILURES) -> list[dict[str, Any]]:
-    """The newest FAILED messages, each with the plugins that failed on it and why."""
-    failures = []
-    for row in database.list_messages(status=Status.FAILED, limit=limit):
-        plugins = [p for p in database.get_plugin_rows(row["uuid"]) if p["status"] == Status.FAILED]
-        failures.append({**row, "failed_plugins": plugins})
-    return failures
-
-
 def plugin_latency(database: Any, names: list[str], sample: int = LATENCY_SAMPLE) -> list[PluginLatency]:
     """Latency percentiles over each plugin's latest ``sample`` runs (``message_plugins.duration_ms``)."""
     known = {str(r["plugin"]) for r in database.execute_query("SELECT DISTINCT plugin FROM message_plugins")}
@@ -103,3 +93,174 @@ def decode_result(text: Any) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+# -- the message list: filters, search, pages ------------------------------------------------------
+PAGE_SIZE, MAX_PAGE_SIZE = 25, 200
+FAILURE_RATE_HOURS = 24
+
+
+def _moment(text: str, name: str) -> str:
+    """An ISO 8601 time (a date alone is its midnight, no zone is UTC) as the ISO text the queries compare."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return _iso(moment.astimezone(UTC))
+    except (ValueError, OverflowError):
+        raise ValueError(f"{name} must be an ISO 8601 time, e.g. 2026-11-30 or 2026-11-30T06:00") from None
+
+
+@dataclass
+class MessageFilter:
+    """What the dashboard's message list shows: ``status``, ``plugin``, ``since``/``until`` (on
+    ``updated_at``), ``q`` (a uuid, or part of a data/meta location), a page of ``limit`` rows
+    after the cursor ``before``/``before_uuid``."""
+
+    status: str | None = None
+    plugin: str | None = None
+    since: str | None = None
+    until: str | None = None
+    q: str | None = None
+    limit: int = PAGE_SIZE
+    before: str | None = None
+    before_uuid: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> MessageFilter:
+        """From a request's query string (or form); :class:`ValueError` says which value is wrong and why."""
+        def text(name: str) -> str | None:
+            value = (args.get(name) or "").strip()
+            if "\x00" in value:  # no database stores it: a clear 400, not a driver error
+                raise ValueError(f"{name} must not contain a NUL character")
+            return value or None
+
+        status = text("status")
+        if status is not None:
+            status = status.upper()
+            if status not in MESSAGE_STATUSES:
+                raise ValueError(f"status must be one of {', '.join(MESSAGE_STATUSES)}")
+        raw_limit = text("limit") or str(PAGE_SIZE)
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}")
+        since, until, before = text("since"), text("until"), text("before")
+        return cls(status=status, plugin=text("plugin"), q=text("q"), limit=int(raw_limit),
+                   since=_moment(since, "since") if since else None,
+                   until=_moment(until, "until") if until else None,
+                   before=_moment(before, "before") if before else None, before_uuid=text("before_uuid"))
+
+    def selection(self) -> dict[str, str]:
+        """The filters alone (no page), as query arguments."""
+        chosen = {"status": self.status, "plugin": self.plugin, "since": self.since, "until": self.until,
+                  "q": self.q}
+        return {name: value for name, value in chosen.items() if value}
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.selection())
+
+
+def _like(text: str) -> str:
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def find_messages(database: Any, wanted: MessageFilter) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
+    """One page of messages, newest ``updated_at`` first, each with ``failed_plugins``; and the cursor of the
+    next page (``None`` on the last)."""
+    clauses: list[str] = []
+    params: dict[str, Any] = {"limit": wanted.limit}
+    if wanted.status:
+        clauses.append("m.status = %(status)s")
+        params["status"] = wanted.status
+    if wanted.plugin:
+        clauses.append("EXISTS (SELECT 1 FROM message_plugins p WHERE p.uuid = m.uuid AND p.plugin = %(plugin)s)")
+        params["plugin"] = wanted.plugin
+    if wanted.since:
+        clauses.append("m.updated_at >= %(since)s")
+        params["since"] = wanted.since
+    if wanted.until:
+        clauses.append("m.updated_at < %(until)s")
+        params["until"] = wanted.until
+    if wanted.q:
+        clauses.append("(m.uuid = %(q)s OR LOWER(m.uuid) LIKE %(pattern)s ESCAPE '\\' "
+                       "OR LOWER(m.data_location) LIKE %(pattern)s ESCAPE '\\' "
+                       "OR LOWER(m.meta_location) LIKE %(pattern)s ESCAPE '\\')")
+        params.update(q=wanted.q, pattern=_like(wanted.q))
+    if wanted.before and wanted.before_uuid:
+        clauses.append("(m.updated_at < %(before)s OR (m.updated_at = %(before)s AND m.uuid > %(before_uuid)s))")
+        params.update(before=wanted.before, before_uuid=wanted.before_uuid)
+    elif wanted.before:
+        clauses.append("m.updated_at < %(before)s")
+        params["before"] = wanted.before
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = database.execute_query(
+        "SELECT m.uuid, m.status, m.info, m.attempts, m.data_location, m.meta_location, m.data_type, "
+        f"m.created_at, m.updated_at FROM messages m {where} ORDER BY m.updated_at DESC, m.uuid "
+        "LIMIT %(limit)s", **params)
+    failed: dict[str, list[str]] = {}
+    if rows:
+        names = {f"u{i}": row["uuid"] for i, row in enumerate(rows)}
+        placeholders = ", ".join(f"%({name})s" for name in names)
+        for row in database.execute_query(
+                f"SELECT uuid, plugin FROM message_plugins WHERE status = %(failed)s AND uuid IN ({placeholders}) "
+                "ORDER BY plugin", failed=Status.FAILED, **names):
+            failed.setdefault(str(row["uuid"]), []).append(str(row["plugin"]))
+    for row in rows:
+        row["failed_plugins"] = failed.get(str(row["uuid"]), [])
+    cursor = None
+    if len(rows) == wanted.limit:
+        last = rows[-1]
+        moment = last["updated_at"]
+        cursor = {"before": moment.isoformat() if isinstance(moment, datetime) else str(moment),
+                  "before_uuid": str(last["uuid"])}
+    return rows, cursor
+
+
+# -- failure rate per plugin over time ------------------------------------------------------------
+@dataclass
+class FailureRate:
+    """One plugin's runs and failures in each hour of the window (oldest hour first)."""
+
+    plugin: str
+    runs: list[int]
+    failed: list[int]
+
+    @property
+    def rates(self) -> list[float | None]:
+        return [f / r if r else None for r, f in zip(self.runs, self.failed, strict=True)]
+
+
+def _history_source(database: Any) -> tuple[str, str]:
+    """(table, its time column): every attempt (``message_events``) when the database has it, else the latest
+    run of each plugin (``message_plugins``)."""
+    try:
+        database.execute_query("SELECT plugin, status, at FROM message_events WHERE 1 = 0")
+        return "message_events", "at"
+    except Exception:  # noqa: BLE001 (no events table in this schema: any driver's error says just that)
+        return "message_plugins", "updated_at"
+
+
+def failure_rates(database: Any, now: datetime | None = None, hours: int = FAILURE_RATE_HOURS) \
+        -> tuple[list[datetime], list[FailureRate], str]:
+    """Runs and failures per plugin per hour over the last ``hours`` hours, in one query: the hours'
+    starts, a :class:`FailureRate` per plugin, and the table counted."""
+    now = now or datetime.now(UTC)
+    end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    starts = [end - timedelta(hours=hours - i) for i in range(hours)]
+    table, column = _history_source(database)
+    params: dict[str, Any] = {f"h{i}": _iso(start) for i, start in enumerate(starts)}
+    params.update(end=_iso(end), failed=Status.FAILED)
+    columns = []
+    for i in range(hours):
+        upper = f"%(h{i + 1})s" if i + 1 < hours else "%(end)s"
+        inside = f"{column} >= %(h{i})s AND {column} < {upper}"
+        columns.append(f"SUM(CASE WHEN {inside} THEN 1 ELSE 0 END) AS r{i}")
+        columns.append(f"SUM(CASE WHEN {inside} AND status = %(failed)s THEN 1 ELSE 0 END) AS f{i}")
+    rows = database.execute_query(
+        f"SELECT plugin, {', '.join(columns)} FROM {table} WHERE plugin IS NOT NULL "
+        f"AND {column} >= %(h0)s AND {column} < %(end)s "
+        "GROUP BY plugin ORDER BY plugin", **params)
+    rates = [FailureRate(str(row["plugin"]), [int(row[f"r{i}"] or 0) for i in range(hours)],
+                         [int(row[f"f{i}"] or 0) for i in range(hours)]) for row in rows]
+    return starts, rates, table

@@ -54,6 +54,31 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                               "error": {"type": "string"},
                               "blueprints": {"type": "array", "items": {"type": "object"}},
                               "blueprint_errors": {"type": "array", "items": {"type": "string"}}}},
+    "DashboardState": {
+        "type": "object",
+        "required": ["now", "counts", "total", "messages", "next", "queues", "failure_rate", "errors"],
+        "properties": {
+            "now": {"type": "string"}, "total": {"type": "integer"}, "next": {"type": ["string", "null"]},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "errors": {"type": "array", "items": {"type": "string"}},
+            "messages": {"type": "array", "items": {
+                "type": "object", "required": ["uuid", "status", "attempts", "failed_plugins", "page"],
+                "properties": {"uuid": {"type": "string"}, "status": {"type": "string"},
+                               "attempts": {"type": "integer"}, "page": {"type": "string"},
+                               "failed_plugins": {"type": "array", "items": {"type": "string"}}}}},
+            "queues": {"type": "array", "items": {
+                "type": "object", "required": ["name", "role", "messages", "consumers"],
+                "properties": {"name": {"type": "string"}, "role": {"type": "string"},
+                               "messages": {"type": ["integer", "null"]},
+                               "consumers": {"type": ["integer", "null"]}}}},
+            "failure_rate": {"type": "object", "required": ["hours", "plugins", "source"], "properties": {
+                "hours": {"type": "array", "items": {"type": "string"}}, "source": {"type": "string"},
+                "plugins": {"type": "array", "items": {
+                    "type": "object", "required": ["plugin", "runs", "failed", "rates"],
+                    "properties": {"plugin": {"type": "string"},
+                                   "runs": {"type": "array", "items": {"type": "integer"}},
+                                   "failed": {"type": "array", "items": {"type": "integer"}},
+                                   "rates": {"type": "array", "items": {"type": ["number", "null"]}}}}}}}}},
     "MessageRow": {"type": "object", "required": ["uuid", "status"],
                    "properties": {"uuid": {"type": "string"},
                                   "status": {"enum": ["VALIDATING", "QUERYING", "PROCESSING", "DONE", "RETRY",
@@ -182,9 +207,56 @@ def _core_paths() -> dict[str, dict[str, Any]]:
         "/openapi": {"get": {"summary": "This document, rendered as a page", "operationId": "openapi_page",
                              "responses": {"200": {"description": "HTML",
                                                    "content": {"text/html": {"schema": {"type": "string"}}}}}}},
-        "/": {"get": {"summary": "The dashboard", "operationId": "index",
-                      "responses": {"200": {"description": "HTML",
-                                            "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        **_dashboard_paths(),
+    }
+
+
+_HTML = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
+_FILTERS = [{"name": name, "in": "query", "schema": {"type": "string"}}
+            for name in ("status", "plugin", "since", "until", "q", "limit", "before", "before_uuid")]
+_FORM = {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+    "type": "object", "required": ["csrf_token"],
+    "properties": {name: {"type": "string"} for name in
+                   ("csrf_token", "uuid", "status", "plugin", "since", "until", "q", "reason", "confirm")}}}}}
+_SEE_OTHER = {"description": "done: on to the next page (Location)"}
+
+
+def _dashboard_paths() -> dict[str, dict[str, Any]]:
+    """The dashboard's pages, the JSON they poll, its redrive action and sign-in (``sqapi.api.console``)."""
+    return {
+        "/": {"get": {"summary": "The dashboard: counts, queues, failure rates, the filtered message list",
+                      "operationId": "index", "parameters": _FILTERS,
+                      "responses": {"200": _HTML, "400": _error("a bad filter")}}},
+        "/dashboard/state": {"get": {
+            "summary": "What the dashboard shows, as JSON (the page polls it)", "operationId": "dashboard_state",
+            "parameters": _FILTERS,
+            "responses": {"200": _json(_ref("DashboardState"), "counts, queues, failure rates, a page of messages"),
+                          "400": _error("a bad filter")}}},
+        "/dashboard/messages/{uuid}": {"get": {
+            "summary": "One message's page: status, plugin results, timeline, data and metadata, redrive",
+            "operationId": "message_page", "parameters": [_UUID],
+            "responses": {"200": _HTML, "404": {**_HTML, "description": "unknown uuid (HTML)"}}}},
+        "/dashboard/redrive": {"post": {
+            "summary": "Redrive a message (uuid) or a filtered selection: a dry run to confirm, then with "
+                       "confirm=yes the redrive", "operationId": "dashboard_redrive", "requestBody": _FORM,
+            "responses": {"200": _HTML, "303": _SEE_OTHER, "400": {**_HTML, "description": "a bad selection"},
+                          "403": _error("the CSRF token is missing or wrong"),
+                          "503": {**_HTML, "description": "the database or the broker cannot be reached"}}}},
+        "/login": {
+            "get": {"summary": "The sign-in form", "operationId": "login_form", "security": [],
+                    "parameters": [{"name": "next", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": _HTML}},
+            "post": {"summary": "Sign in with the API token: sets the session cookie", "operationId": "login",
+                     "security": [], "requestBody": {"required": True, "content": {
+                         "application/x-www-form-urlencoded": {"schema": {
+                             "type": "object", "required": ["csrf_token", "token"],
+                             "properties": {"csrf_token": {"type": "string"}, "token": {"type": "string"},
+                                            "next": {"type": "string"}}}}}},
+                     "responses": {"303": _SEE_OTHER, "401": {**_HTML, "description": "not the token"},
+                                   "403": _error("the CSRF token is missing or wrong")}}},
+        "/logout": {"post": {"summary": "Sign out: removes the session cookie", "operationId": "logout",
+                             "requestBody": _FORM,
+                             "responses": {"303": _SEE_OTHER, "403": _error("the CSRF token is missing or wrong")}}},
     }
 
 
@@ -198,7 +270,7 @@ def document(app: Flask, plugin_of: dict[str, str], token_required: bool) -> dic
     paths = _core_paths()
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         blueprint = rule.endpoint.rpartition(".")[0]
-        if rule.endpoint == "static" or blueprint == "core":
+        if rule.endpoint == "static" or blueprint in ("core", "console"):
             continue
         path = paths.setdefault(openapi_path(rule.rule), {})
         parameters = [{"name": m.group("name"), "in": "path", "required": True,

@@ -50,7 +50,8 @@ def api_server(app: Sqapi, listener: Any = None, host: str | None = None, port: 
         raise click.ClickException(f"the API cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     server.on_close = flask_app.health.close
     log.info("API on %s (%s)", server.url,
-             "bearer token required" if api_token(app.config) else "no token: open to anyone who can reach it")
+             "token required: bearer, or sign in at /login" if api_token(app.config)
+             else "no token: open to anyone who can reach it")
     return server
 
 
@@ -225,7 +226,8 @@ def api(ctx: click.Context, config_path: str | None, host: str | None, port: int
     """Run only the HTTP API (dashboard, /health, /plugins, /messages, /metrics, plugin endpoints).
 
     It reads the status database that loaders write; with api.token (or $SQAPI_API_TOKEN) set,
-    every route but /health needs "Authorization: Bearer <token>".  Stops on SIGTERM or Ctrl-C.
+    every route but /health needs "Authorization: Bearer <token>" (or, in a browser, a sign-in at
+    /login with the token).  Stops on SIGTERM or Ctrl-C.
     """
     app = build_or_exit(load(ctx, config_path))
     register_plugin_secrets(ctx, app)

@@ -1,6 +1,6 @@
 """The dashboard as a person sees it: the real server, headless Chromium, a screenshot to look at.
 
-Chromium is installed by ``scripts/install_chromium.sh`` when missing (Debian's package).
+Chromium comes from Debian (``bash scripts/setup.sh`` installs it when missing; tests/browser.py).
 The screenshot lands in ``test-artifacts/dashboard.png``.
 """
 
@@ -9,23 +9,14 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
+from typing import Any
 
 from sqapi.app import Sqapi
+from sqapi.core.outcome import Delivery
 
 from .conftest import BASE_CONFIG, PROJECT, Server, process_samples
 
 ARTIFACTS = PROJECT / "test-artifacts"
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    result = subprocess.run(["bash", str(PROJECT / "scripts" / "install_chromium.sh")], capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, f"chromium could not be installed (run scripts/install_chromium.sh):\n" \
-                                   f"{result.stderr}"
-    return result.stdout.strip().splitlines()[-1]
 
 
 def browse(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -61,4 +52,35 @@ def test_the_dashboard_in_a_browser_shows_counts_and_the_failure_reason(
     assert shot.returncode == 0, shot.stderr
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank one
+    assert server.stop() == 0
+
+
+def test_the_overview_updates_in_place_and_its_search_narrows_the_list(
+        plugin_folders: None, make_app: Callable[..., Sqapi], write_data: Callable[[str, bytes | str], str],
+        start_server: Callable[..., Server], browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    sqapi = make_app(BASE_CONFIG)
+    process_samples(sqapi, write_data)
+    server = start_server("api")
+    browser.get(server.url + "/")
+    assert browser.find_element(By.ID, "count-total").text == "3"
+    browser.execute_script("window.sqapiSamePage = true;")  # gone if the page were loaded again
+
+    location = write_data("four.txt", "bad again")
+    assert sqapi.process({"uuid_ref": "uuid-four", "data_location": location}, Delivery(id="four")).status == "FAILED"
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: b.find_element(By.ID, "count-total").text == "4")
+    assert browser.find_element(By.ID, "count-FAILED").text == "2"
+    wait.until(lambda b: "uuid-four" in b.find_element(By.ID, "message-rows").text)
+    assert browser.execute_script("return window.sqapiSamePage === true;")
+
+    search = browser.find_element(By.ID, "filter-q")
+    search.send_keys("four.txt")
+    browser.find_element(By.ID, "apply-filters").click()
+    wait.until(lambda b: "q=four.txt" in b.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#message-rows a.uuid")
+    assert [row.text for row in rows] == ["uuid-four"]
+    assert browser.find_element(By.ID, "redrive-selection-button").is_displayed()  # a filtered list can be redriven
     assert server.stop() == 0

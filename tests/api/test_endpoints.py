@@ -229,11 +229,13 @@ def test_the_dashboard_shows_counts_failures_and_latency_without_outside_resourc
     assert 'id="count-DONE">2<' in html and 'id="count-FAILED">1<' in html and 'id="count-total">3<' in html
     assert "uuid-bad" in html and "the data starts with" in html
     assert "counter" in html and "p95" in html
-    assert 'http-equiv="refresh"' in html
+    assert 'http-equiv="refresh"' not in html  # live updates come from its script, not from reloading
+    assert '<script src="/static/dashboard.js"' in html
     import re
     external = re.findall(r"""(?:src|href|action)\s*=\s*["']?(?:https?:)?//""", html)
     assert external == []  # nothing loaded from elsewhere (page text may mention URLs)
-    assert "default-src 'none'" in answer.headers["Content-Security-Policy"]
+    policy = answer.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy
 
 
 def test_the_dashboard_still_answers_with_the_database_down(processed: Processed, workdir: Path) -> None:
@@ -247,4 +249,4 @@ def test_an_app_with_no_messages_yet_renders_every_page(plugin_folders: None, ma
     client = create_app(make_app(BASE_CONFIG)).test_client()
     for path in ("/", "/health", "/plugins", "/rules", "/messages", "/metrics"):
         assert client.get(path).status_code == 200, path
-    assert "No failed messages" in client.get("/").get_data(as_text=True)
+    assert "No messages yet" in client.get("/").get_data(as_text=True)

@@ -88,6 +88,12 @@ def test_real_answers_match_their_documented_schemas(processed: Processed, docum
         ("GET", "/metrics", "/metrics", 200, {}),
         ("GET", "/openapi.json", "/openapi.json", 200, {}),
         ("GET", "/", "/", 200, {}),
+        ("GET", "/?status=nope", "/", 400, {}),
+        ("GET", "/dashboard/state?status=FAILED", "/dashboard/state", 200, {}),
+        ("GET", "/dashboard/state?since=yesterday", "/dashboard/state", 400, {}),
+        ("GET", f"/dashboard/messages/{done}", "/dashboard/messages/{uuid}", 200, {}),
+        ("GET", "/dashboard/messages/nobody", "/dashboard/messages/{uuid}", 404, {}),
+        ("GET", "/login", "/login", 200, {}),
     ]
     for method, path, template, expected, request in cases:
         check_answer(document, client, method, path, template, expected, **request)

@@ -74,14 +74,12 @@ def test_the_one_row_writes_record_their_event_too(database: Any) -> None:
     assert events(database, "h-2") == [(1, "a", "FAILED", "nope", "3"), (1, None, "FAILED", "gave up", None)]
 
 
-def test_forgetting_plugin_rows_keeps_their_history_and_deleting_the_message_drops_it(database: Any) -> None:
+def test_forgetting_plugin_rows_keeps_their_history(database: Any) -> None:
     m = message("h-3")
     database.record_attempt(m, "QUERYING")
     database.update_plugin("h-3", "a", "DONE")
     database.forget_plugin_rows(["h-3"])  # new data under the uuid: the plugin rows are void, the past is not
     assert database.get_plugin_rows("h-3") == [] and events(database, "h-3") == [(1, "a", "DONE", None, None)]
-    database.execute_query("DELETE FROM messages WHERE uuid = %(uuid)s", uuid="h-3")
-    assert database.get_history("h-3") == []
 
 
 def _finished(database: Any, uuid: str, status: str, long_ago: bool) -> None:
@@ -117,6 +115,13 @@ def test_prune_removes_only_what_is_older_and_a_dry_run_nothing(database: Any) -
     assert database.get_plugin_rows("old-done") == [] and len(database.get_plugin_rows("old-retry")) == 1
 
 
+def test_prune_with_messages_takes_their_newer_events_too(database: Any) -> None:
+    _finished(database, "gone", "DONE", long_ago=True)
+    database.update_plugin("gone", "late", "DONE")  # an event newer than the cutoff, of a message that goes
+    assert prune(database, timedelta(days=30), messages=True).messages == 1
+    assert database.get_history("gone") == [] and database.get_message("gone") is None
+
+
 def test_prune_works_through_more_rows_than_one_batch(database: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import sqapi.history
 
@@ -128,7 +133,7 @@ def test_prune_works_through_more_rows_than_one_batch(database: Any, monkeypatch
     assert batches == [3, 3, 2]
 
 
-def test_a_table_made_before_the_version_column_gets_it(database: Any) -> None:
+def test_a_table_made_before_the_history_and_the_version_column_gets_them(database: Any) -> None:
     database.execute_query("DROP TABLE message_events")
     database.execute_query("ALTER TABLE message_plugins DROP COLUMN version")
     database.initialize_message_table()
@@ -219,3 +224,22 @@ def test_sqapi_plugins_json_shows_the_version(workdir: Path, write_plugin: Calla
     (workdir / "cfg.yml").write_text("active_plugins: [versioned]\n", encoding="utf-8")
     listed = json.loads(sqapi(workdir, "-c", "cfg.yml", "plugins", "--json").stdout)
     assert {p["name"]: p["version"] for p in listed}["versioned"] == "3"
+
+
+def test_the_plugin_events_find_their_attempt_by_key_and_never_scan_every_message(pg_section: dict[str, Any]) -> None:
+    """The events of a batch's plugin rows look up each message's attempt count by its key: a join was planned as a
+    scan of the whole messages table on every batch (the history then cost more the more messages there were)."""
+    from sqapi.connectors.db.postgres import _UPDATE_PLUGINS
+
+    db = registry.database(dict(pg_section))
+    db.initialize_message_table()
+    try:
+        db.execute_query("INSERT INTO messages (uuid, status, attempts) SELECT 'm-' || n, 'DONE', 1 "
+                         "FROM generate_series(1, 5000) AS n")
+        db.execute_query("ANALYZE messages")
+        rows = json.dumps([{"n": n, "uuid": f"m-{n}", "plugin": "p", "status": "DONE"} for n in range(1, 21)])
+        plan = "\n".join(row["QUERY PLAN"] for row in db.execute_query(
+            f"EXPLAIN {_UPDATE_PLUGINS}", now="2026-01-01T00:00:00+00:00", loader="here:1", rows=rows))
+        assert "Seq Scan on messages" not in plan and "Index" in plan, plan
+    finally:
+        db.close()

@@ -270,15 +270,17 @@ SELECT uuid, attempts, status, info, %(loader)s, %(now)s::timestamptz FROM writt
 WHERE status IN ({", ".join(f"'{s}'" for s in EVENT_STATUSES)})"""
 
 #: update_plugins: several plugin rows in one statement (distinct (uuid, plugin) pairs), each also an event of the
-#: history (its attempt: the message's count, which the attempt's claim set)
+#: history (its attempt: the message's count, which the attempt's claim set -- a probe of its key per row; a join
+#: would be planned as a scan of every message)
 _UPDATE_PLUGINS = f"""
 WITH input AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
         AS t(n int, uuid text, plugin text, status text, info text, duration_ms float8, result text, version text)
 ), events AS (
     INSERT INTO message_events (uuid, attempt, plugin, status, info, duration_ms, version, loader, at)
-    SELECT i.uuid, m.attempts, i.plugin, i.status, i.info, i.duration_ms, i.version, %(loader)s, %(now)s::timestamptz
-    FROM input i JOIN messages m ON m.uuid = i.uuid ORDER BY i.n  -- ids in the order of the rows given
+    SELECT i.uuid, (SELECT m.attempts FROM messages m WHERE m.uuid = i.uuid), i.plugin, i.status, i.info,
+           i.duration_ms, i.version, %(loader)s, %(now)s::timestamptz
+    FROM input i ORDER BY i.n  -- ids in the order of the rows given
 )
 INSERT INTO message_plugins (uuid, plugin, status, info, duration_ms, result, version, attempts, updated_at)
 SELECT uuid, plugin, status, info, duration_ms, result, version, 1, %(now)s::timestamptz FROM input
