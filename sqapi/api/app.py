@@ -118,6 +118,7 @@ def create_app(sqapi: Sqapi, listener: Any = None) -> SqapiFlask:
     app.config["SQAPI_TOKEN_REQUIRED"] = bool(token)
     app.sessions = session.install(app, token, section.get("secure_cookie", "auto"))
     _install_error_handlers(app)
+    _refuse_nul_characters(app)
     app.register_blueprint(core)
     app.register_blueprint(console)
     _register_plugin_blueprints(app, sqapi)
@@ -165,6 +166,18 @@ def _install_error_handlers(app: SqapiFlask) -> None:
             if name.lower() != "content-type":
                 answer.headers[name] = value
         return answer
+
+
+def _refuse_nul_characters(app: SqapiFlask) -> None:
+    """A NUL character in the path or the query is a 400: no uuid, status or plugin name holds one (text columns
+    cannot store it), and the database driver refuses to send it."""
+    @app.before_request
+    def no_nul() -> Response | None:
+        if "\x00" in request.path or any("\x00" in key or "\x00" in value
+                                           for key, value in request.args.items(multi=True)):
+            return responding.respond({"error": "bad request", "details": "the path or the query holds a NUL "
+                                       "character (no uuid, status or name holds one)"}, 400)
+        return None
 
 
 def _register_plugin_blueprints(app: SqapiFlask, sqapi: Sqapi) -> None:

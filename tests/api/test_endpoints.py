@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sqapi.api.app import create_app
@@ -109,6 +110,14 @@ def test_bad_filters_are_400_with_the_accepted_values(processed: Processed) -> N
     assert answer.status_code == 400 and "FAILED" in answer.get_json()["details"]
     assert processed.client.get("/messages?limit=0").status_code == 400
     assert processed.client.get("/messages?limit=lots").status_code == 400
+
+
+@pytest.mark.parametrize("path", ["/messages?plugin=%00", "/messages?status=DONE&x%00=1", "/messages/%00",
+                                  "/messages/a%00b/data", "/messages/a%00b/metadata", "/dashboard/messages/a%00b"])
+def test_a_nul_character_in_the_path_or_query_is_400_not_a_crash(processed: Processed, path: str) -> None:
+    answer = processed.client.get(path)
+    assert answer.status_code == 400 and "NUL character" in answer.get_json()["details"]
+    assert processed.client.delete("/messages/a%00b").status_code == 400
 
 
 def test_pages_cover_every_message_once_even_when_they_share_an_updated_at(
