@@ -9,6 +9,7 @@ CREATE TABLE IF NOT EXISTS messages (
     data_type     TEXT,
     hash_digest   TEXT,
     metadata      TEXT,          -- JSON: the metadata the last attempt used (fetched or in the message)
+    trace_id      TEXT,          -- the OpenTelemetry trace of the last attempt (NULL when tracing is off)
     status        TEXT NOT NULL,
     info          TEXT,
     attempts      INTEGER NOT NULL DEFAULT 0,
@@ -18,6 +19,8 @@ CREATE TABLE IF NOT EXISTS messages (
 
 -- tables made before the metadata column existed
 ALTER TABLE messages ADD COLUMN IF NOT EXISTS metadata TEXT;
+-- tables made before the trace_id column existed
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS trace_id TEXT;
 
 CREATE INDEX IF NOT EXISTS messages_status_updated_at ON messages (status, updated_at);
 CREATE INDEX IF NOT EXISTS messages_updated_at ON messages (updated_at);

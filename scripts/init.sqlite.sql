@@ -8,6 +8,7 @@ CREATE TABLE IF NOT EXISTS messages (
     data_type     TEXT,
     hash_digest   TEXT,
     metadata      TEXT,          -- JSON: the metadata the last attempt used (fetched or in the message)
+    trace_id      TEXT,          -- the OpenTelemetry trace of the last attempt (NULL when tracing is off)
     status        TEXT NOT NULL,
     info          TEXT,
     attempts      INTEGER NOT NULL DEFAULT 0,

@@ -7,6 +7,7 @@ without it nothing can be recorded) and :meth:`Sqapi.close` closes what it opene
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from sqapi import registry
+from sqapi import registry, tracing
 from sqapi.config import DEFAULT_WORKERS, Config
 from sqapi.connectors.data import DataStore
 from sqapi.connectors.db import CORE_SCRIPTS, init_script_of
@@ -46,6 +47,7 @@ def validate(config: Config) -> None:
     """Every check that needs no network: connector types resolve and accept their sections."""
     for topic in registry.TOPIC_PACKAGES:
         resolve_connector(config, topic)
+    tracing.check(config, config.source)
     init = init_script_of(config.get("database") or {})
     if init and not Path(init).exists():
         raise ConfigError("database.init", f"init script '{init}' not found", "create it or remove the key",
@@ -101,6 +103,8 @@ class Sqapi:
     plugins: PluginSet
     processor: Processor
     _closers: list[Callable[[], None]] = field(default_factory=list)
+    #: the OpenTelemetry tracer provider when tracing is on (``POST /messages`` traces its publications with it)
+    tracer_provider: Any = None
 
     def process(self, raw: bytes | str | Mapping[str, Any], delivery: Delivery) -> Outcome:
         return self.processor.process(raw, delivery)
@@ -145,8 +149,11 @@ def _require_status_store(database: Any, kind: str, source: str) -> None:
                       "sqapi.connectors.db.StatusStore); other types serve plugins only", source)
 
 
-def build(config: Config) -> Sqapi:
-    """Validate, connect the database, load plugins, connect the stores, build the processor."""
+def build(config: Config, tracer_provider: Any = None) -> Sqapi:
+    """Validate, connect the database, load plugins, connect the stores, build the processor.
+
+    ``tracer_provider``: an OpenTelemetry tracer provider to trace with (tests give one with an in-memory
+    exporter); by default the one the config asks for (:mod:`sqapi.tracing`), or none: tracing off."""
     validate(config)
     make_database = database_factory(config)
     database_section = dict(config["database"])
@@ -172,13 +179,19 @@ def build(config: Config) -> Sqapi:
         meta_store = MetaStore(resolve_connector(config, "meta_store"), dict(config["meta_store"]))
         meta_store.connect()
         closers.append(meta_store.close)
-        processor = Processor(config, database, data_store, meta_store, plugins)
+        if tracer_provider is None:
+            tracer_provider = tracing.make_provider(config)
+            if tracer_provider is not None:
+                closers.append(functools.partial(tracing.shutdown, tracer_provider))
+                tracing.install(tracer_provider)
+        processor = Processor(config, database, data_store, meta_store, plugins, tracing=tracing.message_tracing(
+            config, tracer_provider) if tracer_provider is not None else None)
         closers.append(processor.close)
     except BaseException:
         for close in reversed(closers):
             close()
         raise
-    return Sqapi(config, database, data_store, meta_store, plugins, processor, closers)
+    return Sqapi(config, database, data_store, meta_store, plugins, processor, closers, tracer_provider)
 
 
 def _refuse_unknown_plugin_names(config: Config, plugins: PluginSet) -> None:

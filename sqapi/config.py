@@ -36,9 +36,10 @@ TOPICS = (
     "packages",
     "plugin",
     "processing",
+    "tracing",
 )
 MAPPING_TOPICS = ("msg_broker", "data_store", "meta_store", "database", "api", "custom", "packages",
-                  "plugin", "processing")
+                  "plugin", "processing", "tracing")
 
 #: The keys of the sections sqapi owns, all of them (connector sections belong to their connectors, and
 #: sqAPI configs may carry keys of their own there).  Any other key is refused with a suggestion:
@@ -53,6 +54,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
             "blueprints_directory", "secure_cookie"),
     "msg_broker.retry": ("max_attempts", "initial_delay", "multiplier", "max_delay"),
     "msg_broker.reconnect": ("initial_delay", "max_delay"),
+    "tracing": ("enabled", "exporter", "endpoint", "service_name"),  # sqapi.tracing.KEYS
 }
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -15,7 +15,9 @@ used as it is (its UTF-8 bytes are the key).  Receivers refuse a timestamp too f
 clock, so a captured notification cannot be replayed later.  ``legacy_signature: true`` adds the
 old ``X-Sqapi-Signature: sha256=<hex HMAC-SHA256 of the body>`` (keyed with the first secret as
 written; it has no timestamp and can be replayed) for receivers not moved yet.  Every request
-also carries ``X-Sqapi-Delivery: <delivery id>`` and ``X-Sqapi-Event``.  The delivery id is a
+also carries ``X-Sqapi-Delivery: <delivery id>`` and ``X-Sqapi-Event`` -- and, when tracing is on
+(docs/configuration.md, ``tracing``), the W3C ``traceparent`` of the plugin call's span, so the
+receiver's work joins the message's trace.  The delivery id is a
 uuid5 of (message uuid, data hash, URL): the same for every retry and redelivery of the same
 notification, so a receiver can drop repeats.
 
@@ -43,6 +45,7 @@ import hmac
 import io
 import json
 import logging
+import sys
 import time
 import uuid as uuidlib
 from collections.abc import Mapping
@@ -236,6 +239,18 @@ def signature_headers(delivery_id: str, body: bytes, options: Mapping[str, Any],
     return headers
 
 
+def trace_headers() -> dict[str, str]:
+    """``traceparent`` (and ``tracestate``) of the trace the call runs in; ``{}`` when tracing is off.
+
+    sqapi runs a traced plugin call in its span's context, in a worker process too; with tracing off
+    nothing has imported OpenTelemetry and nothing is imported here either."""
+    if "opentelemetry.context" not in sys.modules:
+        return {}
+    from sqapi.core.tracing import current_headers
+
+    return current_headers()
+
+
 def deliver(url: str, body: bytes, delivery_id: str, options: Mapping[str, Any]) -> int:
     """POST ``body`` to ``url`` with retries; returns the HTTP status of the accepted delivery."""
     guard = host_guard(options)
@@ -247,7 +262,8 @@ def deliver(url: str, body: bytes, delivery_id: str, options: Mapping[str, Any])
         if attempt:
             time.sleep(exponential(attempt, float(options["backoff"]), float(options["max_backoff"])))
         headers = {"Content-Type": "application/json", "User-Agent": "sqapi-webhook", DELIVERY_HEADER: delivery_id,
-                   "X-Sqapi-Event": EVENT, **signature_headers(delivery_id, body, options, timestamp())}
+                   "X-Sqapi-Event": EVENT, **trace_headers(),
+                   **signature_headers(delivery_id, body, options, timestamp())}
         try:
             response, _ = guard.request("POST", url, headers=headers, data=body, timeout=float(options["timeout"]))
         except requests.Timeout:

@@ -37,7 +37,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Flask, Response, current_app, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
-from sqapi import registry
+from sqapi import registry, tracing
 from sqapi.api import dashboard, openapi, responding, session
 from sqapi.api.console import console
 from sqapi.api.health import Component, HealthCheck
@@ -97,7 +97,8 @@ def create_app(sqapi: Sqapi, listener: Any = None) -> SqapiFlask:
         parse_size(section.get("max_upload_bytes"), "api.max_upload_bytes") or DEFAULT_MAX_UPLOAD_BYTES
     app.config["SQAPI_TEMP_DIR"] = (config.get("processing") or {}).get("temp_dir")
     app.sqapi = sqapi
-    app.publisher = HttpPublisher(config, sqapi.data_store)
+    app.publisher = HttpPublisher(config, sqapi.data_store, sqapi.tracer_provider.get_tracer(tracing.INSTRUMENTATION)
+                                  if sqapi.tracer_provider is not None else None)
     app.database = {}
     app.registration_errors = {}
     app.metrics = Metrics(sqapi.database)
@@ -331,8 +332,14 @@ def post_message() -> Response:
         if app.publisher.parser.kind == "string":
             accepted += " or text/plain"
         raise Refused(415, f"Content-Type '{mimetype or 'none'}' is not accepted: send {accepted}")
-    app.publisher.publish(message, raw)
+    app.publisher.publish(message, raw, _trace_headers())
     return _accepted(message.uuid, message.data_location, message.action)
+
+
+def _trace_headers() -> dict[str, str] | None:
+    """The request's W3C trace context (``traceparent``, ``tracestate``): a publication continues the caller's trace."""
+    found = {name: request.headers[name] for name in ("traceparent", "tracestate") if name in request.headers}
+    return found or None
 
 
 @core.route("/messages/<uuid>", methods=["DELETE"])
@@ -341,7 +348,7 @@ def delete_message(uuid: str) -> Response:
     app = _app()
     row = app.sqapi.database.get_message(uuid)
     message, raw = app.publisher.deletion(uuid, row.get("data_location") if row else None)
-    app.publisher.publish(message, raw)
+    app.publisher.publish(message, raw, _trace_headers())
     return _accepted(message.uuid, message.data_location, message.action)
 
 

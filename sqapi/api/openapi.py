@@ -90,6 +90,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                   "metadata": {"type": ["object", "null"]},
                                   "info": {"type": ["string", "null"]},
                                   "attempts": {"type": "integer"},
+                                  "trace_id": {"type": ["string", "null"], "pattern": "^[0-9a-f]{32}$",
+                                               "description": "the OpenTelemetry trace of the last attempt "
+                                                              "(null when tracing is off)"},
                                   "created_at": {"type": "string"}, "updated_at": {"type": "string"}}},
     "PluginRow": {"type": "object", "required": ["plugin", "status"],
                   "properties": {"plugin": {"type": "string"}, "status": {"type": "string"},

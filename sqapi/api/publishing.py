@@ -23,6 +23,7 @@ from flask import Request, current_app
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.utils import secure_filename
 
+from sqapi import tracing
 from sqapi.app import resolve_connector
 from sqapi.config import Config
 from sqapi.connectors.data import DataStore
@@ -58,8 +59,10 @@ class UploadRequest(Request):
 class HttpPublisher:
     """Checks, stores and publishes the messages posted to the API, for one wired sqapi's ``config``."""
 
-    def __init__(self, config: Config, data_store: DataStore) -> None:
+    def __init__(self, config: Config, data_store: DataStore, tracer: Any = None) -> None:
         self.config = config
+        #: an OpenTelemetry tracer when tracing is on: each publication is a send span, its traceparent in the headers
+        self.tracer = tracer
         self.broker = dict(config.get("msg_broker") or {})
         self.parser = MessageParser(self.broker)
         self.keys = {name: str(spec["key"]) for name, spec in field_map(self.broker).items()}
@@ -176,15 +179,18 @@ class HttpPublisher:
         return str(body[key])
 
     # -- publishing ---------------------------------------------------------------------------------
-    def publish(self, message: Message, raw: bytes) -> None:
-        """Publish ``raw`` to the configured broker, confirmed; :class:`Refused` (503/501) when it cannot."""
+    def publish(self, message: Message, raw: bytes, trace_context: Mapping[str, str] | None = None) -> None:
+        """Publish ``raw`` to the configured broker, confirmed; :class:`Refused` (503/501) when it cannot.
+
+        ``trace_context``: the request's W3C headers (``traceparent``), which the send span continues."""
         try:
             publisher = publisher_for(self.listener_class, self.broker)
         except NotImplementedError:
             raise Refused(501, f"msg_broker type '{self.broker.get('type')}' cannot publish") from None
         try:
             publisher.open()
-            publisher.publish(raw, message_id=message.uuid)
+            with tracing.publishing(self.tracer, self.broker, message.uuid, trace_context) as headers:
+                publisher.publish(raw, message_id=message.uuid, headers=headers)
         except Exception as exc:  # the broker's own errors (a stalled confirm, too) all mean: not published
             raise Refused(503, f"not published: {exc}") from None
         finally:

@@ -183,7 +183,7 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, uuid: str
         click.echo(json.dumps({**row, "plugins": plugin_rows, "history": history}, indent=2, default=str))
         return
     for key in ("uuid", "status", "info", "data_location", "meta_location", "data_type", "hash_digest",
-                "attempts", "created_at", "updated_at"):
+                "attempts", "created_at", "updated_at", "trace_id"):
         click.echo(f"{key:<14} {row.get(key) if row.get(key) is not None else ''}")
     for plugin in plugin_rows:
         took = f"{plugin['duration_ms']:.1f} ms" if plugin.get("duration_ms") is not None else ""

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from sqapi import tracing
 from sqapi.app import Sqapi, resolve_connector
 from sqapi.cli.base import (
     build_or_exit,
@@ -26,7 +27,7 @@ from sqapi.connectors.data import DataStore
 from sqapi.connectors.listeners import publisher_for
 from sqapi.core.outcome import Action, Delivery, Outcome
 from sqapi.core.status import Status
-from sqapi.errors import SqapiError
+from sqapi.errors import ConfigError, SqapiError
 
 
 # -- process --------------------------------------------------------------------------------------
@@ -244,13 +245,23 @@ def publish(ctx: click.Context, config_path: str | None, uuid_ref: str | None, d
             raise click.ClickException(f"{name}: not published, malformed message: {exc}") from None
         ready.append((parsed.uuid, raw if isinstance(raw, bytes) else json.dumps(raw).encode()))
 
+    try:  # traced when tracing is configured: a send span each, its traceparent in the message's headers
+        tracing.check(config, config.source)
+        provider = tracing.make_provider(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    tracer = provider.get_tracer(tracing.INSTRUMENTATION) if provider is not None else None
+    sent_to = dict(broker, routing_key=routing_key) if routing_key else broker
     try:
         publisher.open()
         for uuid, body in ready:
-            publisher.publish(body, message_id=uuid, routing_key=routing_key)
+            with tracing.publishing(tracer, sent_to, uuid) as headers:
+                publisher.publish(body, message_id=uuid, routing_key=routing_key, headers=headers)
             click.echo(uuid)
     except SqapiError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     finally:
         publisher.close()
+        if provider is not None:
+            tracing.shutdown(provider)

@@ -67,6 +67,7 @@ class Work:
     retrying: set[str] = field(default_factory=set)  # plugins that failed and will be retried
     final: tuple[Message, str, str | None] | None = None  # the status to record
     outcome: Outcome | None = None
+    span: Any = None  # the message's process span, when tracing is on (sqapi.core.tracing)
 
 
 def attempt_number(delivery: Delivery, previous: dict[str, Any] | None) -> int:

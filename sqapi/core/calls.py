@@ -29,6 +29,9 @@ class Call:
     message: Message
     metadata: dict[str, Any]
     path: str
+    #: the W3C trace context of the call's plugin span (``traceparent``), when tracing is on: the call runs in it
+    #: (a worker process too), so a plugin's outgoing requests can carry it
+    trace_context: dict[str, str] | None = None
 
     def open(self) -> IO[bytes]:
         """The data as a binary file object (what ``execute`` gets as ``data``); the caller closes it."""

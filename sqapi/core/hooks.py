@@ -86,7 +86,13 @@ def call_hook(module: types.ModuleType | None, name: str, **available: Any) -> b
 
 
 def run_execute(module: types.ModuleType, config: Any, database: Any, call: Call) -> Any:
-    """sqAPI's call: ``execute(config, database, message, metadata, data)`` with the data opened for it."""
+    """sqAPI's call: ``execute(config, database, message, metadata, data)`` with the data opened for it -- in the
+    call's trace context when tracing is on (so a plugin's outgoing requests carry its ``traceparent``)."""
+    if call.trace_context:
+        from sqapi.core.tracing import running_in  # imported only when tracing is on
+
+        with running_in(call.trace_context), open(call.path, "rb") as data:
+            return module.execute(config, database, call.message, call.metadata, data)
     with open(call.path, "rb") as data:
         return module.execute(config, database, call.message, call.metadata, data)
 

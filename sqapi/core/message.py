@@ -81,6 +81,8 @@ class Message:
     action: str = "process"
     results: dict[str, Any] = field(default_factory=dict)
     plugin_statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the OpenTelemetry trace of this attempt (32 hex digits), when tracing is on; recorded with its status
+    trace_id: str | None = None
 
     def copy(self, results: dict[str, Any] | None = None,
              plugin_statuses: dict[str, dict[str, Any]] | None = None) -> Message:
@@ -91,7 +93,8 @@ class Message:
         return Message(self.id, self.uuid, self.data_location, self.meta_location, self.type,
                        private_copy(self.metadata), private_copy(self.body), self.hash_digest, self.action,
                        private_copy(self.results) if results is None else results,
-                       private_copy(self.plugin_statuses) if plugin_statuses is None else plugin_statuses)
+                       private_copy(self.plugin_statuses) if plugin_statuses is None else plugin_statuses,
+                       self.trace_id)
 
     # sqAPI plugins read these names too
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqapi.backoff import exponential
@@ -23,10 +23,14 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True)
 class Delivery:
-    """One delivery of a message: its id at the source and which attempt this is (1-based)."""
+    """One delivery of a message: its id at the source and which attempt this is (1-based).
+
+    ``trace_context``: the publisher's W3C trace context as it came (``traceparent``, ``tracestate``), when the
+    source carries one (RabbitMQ headers)."""
 
     id: str
     attempt: int = 1
+    trace_context: Mapping[str, str] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqapi.core.attempt import DONE, FAILED, MAX_REASON_CHARS, RETRY, PluginFailure, Progress, Work
 from sqapi.core.calls import Call
@@ -26,6 +26,9 @@ from sqapi.errors import PermanentError, PluginFailed, PluginTimeout, is_retryab
 from sqapi.errors import describe_error as describe
 from sqapi.logs import abbreviate
 
+if TYPE_CHECKING:
+    from sqapi.core.tracing import MessageTracing
+
 log = logging.getLogger(__name__)
 
 
@@ -33,8 +36,11 @@ class PluginPipeline:
     """Runs the plugins over the messages of an attempt and records their rows; the processor's second half."""
 
     def __init__(self, database: StatusStore, plugins: PluginSet, runner: PluginRunner, max_result_bytes: int,
-                 on_plugin_finished: Callable[[str, str, float, str | None], None]) -> None:
+                 on_plugin_finished: Callable[[str, str, float, str | None], None],
+                 tracing: MessageTracing | None = None) -> None:
         self.database = database
+        #: makes a span per plugin call when tracing is on (None: off)
+        self.tracing = tracing
         self.plugins = plugins
         self.runner = runner
         self.max_result_bytes = max_result_bytes
@@ -75,15 +81,40 @@ class PluginPipeline:
                         calls.append((w, prepared))
                     elif prepared is not None:
                         rows.append(prepared)
+            spans = self._start_spans(plugin, calls) if self.tracing is not None else None
             ran = self.runner.run(plugin, [call for _w, call in calls], progress.write)
             for (w, _call), (result, error, seconds) in zip(calls, ran, strict=True):
                 rows.append(self._after_run(plugin, w, result, error, seconds))
+            if spans is not None:
+                self._end_spans(spans, ran)
             if number < len(order):
-                self.database.record_progress(progress.take(), rows)
+                if self.tracing is not None:
+                    with self.tracing.write([w.span for w in running], "PROCESSING"):
+                        self.database.record_progress(progress.take(), rows)
+                else:
+                    self.database.record_progress(progress.take(), rows)
             for _w, (_result, error, seconds) in zip(calls, ran, strict=True):
                 self.on_plugin_finished(plugin.name, FAILED if error else DONE, seconds,
                                         describe(error) if error else None)
         return rows
+
+    def _start_spans(self, plugin: Plugin, calls: list[tuple[Work, Call]]) -> list[Any]:
+        """A span per call (tracing on), its context handed to the call: where it runs, it runs in it."""
+        assert self.tracing is not None
+        spans: list[Any] = []
+        for w, call in calls:
+            if w.span is None:
+                spans.append(None)
+                continue
+            span, call.trace_context = self.tracing.start_plugin(w.span, plugin.name, w.attempt)
+            spans.append(span)
+        return spans
+
+    def _end_spans(self, spans: list[Any], ran: list[Any]) -> None:
+        assert self.tracing is not None
+        for span, (_result, error, seconds) in zip(spans, ran, strict=True):
+            if span is not None:
+                self.tracing.end_plugin(span, FAILED if error is not None else DONE, seconds, error)
 
     def _before_run(self, plugin: Plugin, w: Work) -> Call | dict[str, Any] | None:
         """The call to make for ``plugin`` on one message, or the row to record instead (``None``: done before)."""

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqapi.config import DEFAULT_WORKERS
 from sqapi.core.attempt import (
@@ -40,6 +40,7 @@ from sqapi.core.attempt import (
     FAILED,
     MAX_REASON_CHARS,
     PROCESS,
+    PROCESSING,
     QUERYING,
     RETRY,
     VALIDATING,
@@ -61,6 +62,9 @@ from sqapi.errors import ConnectorError, MessageError, is_retryable
 from sqapi.errors import describe_error as describe
 from sqapi.logs import abbreviate
 
+if TYPE_CHECKING:
+    from sqapi.core.tracing import MessageTracing
+
 #: re-exported: their home is sqapi.core.attempt
 __all__ = ["DELETE", "DELETED", "MAX_REASON_CHARS", "PROCESS", "PluginFailure", "Processor", "ProcessorHooks"]
 
@@ -79,7 +83,8 @@ class ProcessorHooks(Protocol):
 
 class Processor:
     def __init__(self, config: Mapping[str, Any], database: StatusStore, data_store: DataStore, meta_store: MetaStore,
-                 plugins: PluginSet, policy: RetryPolicy | None = None, runner: PluginRunner | None = None) -> None:
+                 plugins: PluginSet, policy: RetryPolicy | None = None, runner: PluginRunner | None = None,
+                 tracing: MessageTracing | None = None) -> None:
         broker = config.get("msg_broker") or {}
         processing = config.get("processing") or {}
         self.database = database
@@ -94,7 +99,10 @@ class Processor:
         #: runs the plugin calls (worker processes, or the loader's threads): the processor only asks it
         workers = int(processing.get("workers") or DEFAULT_WORKERS)
         self.runner = runner if runner is not None else PluginRunner(plugins, workers)
-        self.pipeline = PluginPipeline(database, plugins, self.runner, self.max_result_bytes, self._notify_plugin)
+        #: the spans of each delivery when tracing is configured (:mod:`sqapi.tracing`); None: off, nothing traced
+        self.tracing = tracing
+        self.pipeline = PluginPipeline(database, plugins, self.runner, self.max_result_bytes, self._notify_plugin,
+                                       tracing)
 
     @property
     def overdue(self) -> dict[str, int]:
@@ -124,15 +132,16 @@ class Processor:
             for _ in items:
                 hook.message_started()
         outcomes: list[Outcome | None] = [None] * len(items)
+        spans = [self.tracing.start(delivery) for _raw, delivery in items] if self.tracing is not None else None
         try:
-            self._process_batch(items, outcomes)
+            self._process_batch(items, outcomes, spans)
         except Exception as exc:
             if len(items) > 1:
                 log.warning("a batch of %d deliveries failed (%s): processing them one by one",
                             len(items), describe(exc))
                 for index, item in enumerate(items):
                     if outcomes[index] is None:
-                        outcomes[index] = self._single(item)
+                        outcomes[index] = self._single(item, spans[index:index + 1] if spans else None)
             else:
                 outcomes[0] = self._failed_outright(exc, items[0][1])
         seconds = (time.monotonic() - started) / max(1, len(items))
@@ -146,12 +155,15 @@ class Processor:
                 log.log(level, "%s", outcome.line(),
                         extra={"uuid": outcome.uuid, "status": outcome.status, "delivery": delivery.id})
             done.append(outcome)
+        if spans is not None and self.tracing is not None:
+            for span, outcome in zip(spans, done, strict=True):
+                self.tracing.finish(span, outcome)
         return done
 
-    def _single(self, item: tuple[bytes | str | Mapping[str, Any], Delivery]) -> Outcome:
+    def _single(self, item: tuple[bytes | str | Mapping[str, Any], Delivery], spans: list[Any] | None) -> Outcome:
         outcomes: list[Outcome | None] = [None]
         try:
-            self._process_batch([item], outcomes)
+            self._process_batch([item], outcomes, spans)
         except Exception as exc:
             return self._failed_outright(exc, item[1])
         assert outcomes[0] is not None
@@ -172,16 +184,22 @@ class Processor:
                        attempt=delivery.attempt)
 
     def _process_batch(self, items: Sequence[tuple[bytes | str | Mapping[str, Any], Delivery]],
-                       outcomes: list[Outcome | None]) -> None:
-        """Fill ``outcomes``; raises when the batch cannot go on (outcomes already set stay recorded)."""
+                       outcomes: list[Outcome | None], spans: list[Any] | None = None) -> None:
+        """Fill ``outcomes``; raises when the batch cannot go on (outcomes already set stay recorded).
+
+        ``spans``: each item's process span, when tracing is on."""
         work: list[Work] = []
         for index, (raw, delivery) in enumerate(items):
             try:
                 message = self.parser.parse(raw, delivery.id)
             except MessageError as exc:
-                outcomes[index] = self._malformed(exc, delivery)
+                outcomes[index] = self._malformed(exc, delivery, spans[index] if spans else None)
                 continue
-            work.append(Work(index, delivery, message))
+            w = Work(index, delivery, message)
+            if spans is not None and self.tracing is not None:
+                w.span = spans[index]
+                self.tracing.parsed(w.span, message)
+            work.append(w)
         # concurrent duplicates of one uuid take turns: the later one finds the earlier one's DONE;
         # a uuid twice in one batch goes in a later round, as does one another process holds
         first_round = True
@@ -199,7 +217,11 @@ class Processor:
                     self._attempt(now[:1], outcomes)
                 later = now[1:] + later
             else:  # claims and attempts together (one round trip on PostgreSQL), a lone message's too
+                tracing = self.tracing
+                writing = tracing.start_write([w.span for w in now], QUERYING) if tracing is not None else []
                 with self.database.claim_attempts([w.message for w in now], QUERYING) as recorded:
+                    if tracing is not None:
+                        tracing.end_write(writing)
                     self._attempt([w for w in now if w.message.uuid in recorded], outcomes, recorded)
                 later = [w for w in now if w.message.uuid not in recorded] + later
             first_round = False
@@ -214,10 +236,11 @@ class Processor:
         # the messages are valid (parsed) by now: their rows say QUERYING while data and metadata are fetched
         if recorded is not None:
             previous = [recorded[w.message.uuid] for w in work]
-        elif len(work) > 1:
-            previous = self.database.record_attempts([w.message for w in work], QUERYING)
+        elif self.tracing is not None:
+            with self.tracing.write([w.span for w in work], QUERYING):
+                previous = self._record_attempts(work)
         else:
-            previous = [self.database.record_attempt(work[0].message, QUERYING)]
+            previous = self._record_attempts(work)
         finals: list[Work] = []   # outcome known, status still to write
         running: list[Work] = []  # plugins to run
         try:
@@ -250,7 +273,11 @@ class Processor:
             # the hash goes with the first plugin rows (or before): a crash then resumes, never re-runs
             progress = Progress(self.database, running)
             if any(self.runner.inline(p) for w in running for p in w.plugins):  # no time to write it later
-                self.database.update_messages(progress.take())
+                if self.tracing is not None:
+                    with self.tracing.write([w.span for w in running], PROCESSING):
+                        self.database.update_messages(progress.take())
+                else:
+                    self.database.update_messages(progress.take())
             for w in running:
                 w.may_retry = self.policy.may_retry(w.attempt)
             last_rows = self.pipeline.run(running, progress)
@@ -261,17 +288,30 @@ class Processor:
         for w in running:
             conclude(w, self.policy)
         finals += running
-        self.database.record_progress([w.final for w in finals if w.final is not None], last_rows, last=True)
+        if self.tracing is not None:
+            with self.tracing.write_each([(w.span, w.final[1]) for w in finals if w.final is not None]):
+                self.database.record_progress([w.final for w in finals if w.final is not None], last_rows, last=True)
+        else:
+            self.database.record_progress([w.final for w in finals if w.final is not None], last_rows, last=True)
         for w in finals:
             assert w.outcome is not None
             outcomes[w.index] = w.outcome
+
+    def _record_attempts(self, work: list[Work]) -> list[dict[str, Any] | None]:
+        if len(work) > 1:
+            return self.database.record_attempts([w.message for w in work], QUERYING)
+        return [self.database.record_attempt(work[0].message, QUERYING)]
 
     def _prepare(self, w: Work) -> bool:
         """Fetch data and metadata, hash; whether plugins are to run (else ``w.outcome``/``w.final`` are set)."""
         message, previous, delivery = w.message, w.previous, w.delivery
         was_done = previous is not None and previous["status"] == DONE
         try:
-            w.local = self.data_store.fetch(message.data_location)
+            if self.tracing is not None:
+                with self.tracing.step(w.span, "fetch data"):
+                    w.local = self.data_store.fetch(message.data_location)
+            else:
+                w.local = self.data_store.fetch(message.data_location)
         except Exception as exc:
             if was_done:  # a redelivery of finished work whose data has since gone: still done
                 w.outcome = Outcome(message.uuid, DONE, Action.ACK, attempt=delivery.attempt, skipped=True,
@@ -281,7 +321,11 @@ class Processor:
             fail(w, f"data: {describe(exc)}", is_retryable(exc), None, self.policy)
             return False
         try:
-            w.metadata = self._metadata(message)
+            if self.tracing is not None and message.metadata is None and message.meta_location:
+                with self.tracing.step(w.span, "fetch metadata"):
+                    w.metadata = self._metadata(message)
+            else:
+                w.metadata = self._metadata(message)
             message.hash_digest = sha256_of(w.local.path)
             message.type = message.type or mime_type(w.local.path, message.data_location, w.metadata, self.mime_field)
         except Exception as exc:
@@ -313,11 +357,13 @@ class Processor:
             return {}
 
     # -- steps --------------------------------------------------------------------------------
-    def _malformed(self, exc: MessageError, delivery: Delivery) -> Outcome:
+    def _malformed(self, exc: MessageError, delivery: Delivery, span: Any = None) -> Outcome:
         reason = abbreviate(f"malformed message: {exc}" if exc.uuid else f"malformed message ({delivery.id}): {exc}",
                             MAX_REASON_CHARS)
         if exc.uuid:  # recorded under the uuid's claim, never waited for: an attempt in progress has the last word
             stub = Message(id=delivery.id, uuid=exc.uuid, data_location=None)  # type: ignore[arg-type]
+            if span is not None and self.tracing is not None:
+                self.tracing.parsed(span, stub)
             with self.database.try_claim(exc.uuid) as held:
                 if held:
                     previous = self.database.record_attempt(stub, VALIDATING)

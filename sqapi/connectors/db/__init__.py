@@ -185,6 +185,7 @@ ON_MESSAGE_CONFLICT = """ON CONFLICT (uuid) DO UPDATE SET
     data_type = COALESCE(excluded.data_type, messages.data_type),
     hash_digest = COALESCE(excluded.hash_digest, messages.hash_digest),
     metadata = COALESCE(excluded.metadata, messages.metadata),
+    trace_id = COALESCE(excluded.trace_id, messages.trace_id),
     status = excluded.status,
     info = excluded.info,
     attempts = messages.attempts + excluded.attempts,
@@ -192,10 +193,10 @@ ON_MESSAGE_CONFLICT = """ON CONFLICT (uuid) DO UPDATE SET
 """
 
 _UPSERT_MESSAGE = f"""
-INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, metadata, status, info,
-                      attempts, created_at, updated_at)
-VALUES (%(uuid)s, %(data_location)s, %(meta_location)s, %(data_type)s, %(hash_digest)s, %(metadata)s, %(status)s,
-        %(info)s, %(attempts)s, %(now)s, %(now)s)
+INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, metadata, trace_id, status,
+                      info, attempts, created_at, updated_at)
+VALUES (%(uuid)s, %(data_location)s, %(meta_location)s, %(data_type)s, %(hash_digest)s, %(metadata)s, %(trace_id)s,
+        %(status)s, %(info)s, %(attempts)s, %(now)s, %(now)s)
 {ON_MESSAGE_CONFLICT}"""
 
 #: how a plugin's new outcome meets its existing row: replaced, the attempt counted
@@ -498,6 +499,7 @@ def _message_params(message: Any, status: str, info: str | None, attempts: int) 
         "data_type": getattr(message, "type", None),
         "hash_digest": getattr(message, "hash_digest", None),
         "metadata": metadata_text(message),
+        "trace_id": getattr(message, "trace_id", None),
         "status": status,
         "info": info,
         "attempts": attempts,

@@ -255,13 +255,13 @@ SELECT old.* FROM old
 #: statuses that end an attempt go to the history (message_events) in the same statement.
 _UPDATE_MESSAGES = f"""
 WITH written AS (
-    INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, metadata, status, info,
-                          attempts, created_at, updated_at)
-    SELECT uuid, data_location, meta_location, data_type, hash_digest, metadata, status, info, 0,
+    INSERT INTO messages (uuid, data_location, meta_location, data_type, hash_digest, metadata, trace_id, status,
+                          info, attempts, created_at, updated_at)
+    SELECT uuid, data_location, meta_location, data_type, hash_digest, metadata, trace_id, status, info, 0,
            %(now)s::timestamptz, %(now)s::timestamptz
     FROM json_to_recordset(%(rows)s::json)
         AS t(uuid text, data_location text, meta_location text, data_type text, hash_digest text, metadata text,
-             status text, info text)
+             trace_id text, status text, info text)
     {ON_MESSAGE_CONFLICT.rstrip()}
     RETURNING uuid, attempts, status, info
 )
@@ -859,7 +859,8 @@ class Database(StatusStore):
         if updates:
             statements.append((_UPDATE_MESSAGES, {"now": now, "loader": loader_name(), "rows": _json_rows(
                 [m for m, _s, _i in updates],
-                [{"status": status, "info": info, "metadata": metadata_text(m)} for m, status, info in updates])}))
+                [{"status": status, "info": info, "metadata": metadata_text(m),
+                  "trace_id": getattr(m, "trace_id", None)} for m, status, info in updates])}))
         if not statements:
             return
         with self._bound() as bound:

@@ -110,6 +110,8 @@ class Database(StatusStore):
         columns = {row["name"] for row in self.execute_query("PRAGMA table_info(messages)")}
         if "metadata" not in columns:
             self.execute_query("ALTER TABLE messages ADD COLUMN metadata TEXT")
+        if "trace_id" not in columns:
+            self.execute_query("ALTER TABLE messages ADD COLUMN trace_id TEXT")
         if "version" not in {row["name"] for row in self.execute_query("PRAGMA table_info(message_plugins)")}:
             self.execute_query("ALTER TABLE message_plugins ADD COLUMN version TEXT")
 

@@ -281,6 +281,25 @@ def attempt_of(properties: BasicProperties) -> int:
         return 1
 
 
+#: the W3C trace context headers a publisher may set (``sqapi publish`` and ``POST /messages`` do when tracing is on)
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def trace_context_of(properties: BasicProperties) -> dict[str, str] | None:
+    """The publisher's W3C trace context from the AMQP headers (``None`` when it sent none)."""
+    headers = properties.headers
+    if not headers or "traceparent" not in headers:
+        return None
+    found = {}
+    for name in TRACE_HEADERS:
+        value = headers.get(name)
+        if isinstance(value, bytes):  # pika gives AMQP long strings as bytes
+            value = value.decode("latin-1")
+        if isinstance(value, str):
+            found[name] = value
+    return found or None
+
+
 def clip(text: str | None) -> str:
     text = text or ""
     return text if len(text) <= MAX_HEADER_CHARS else text[: MAX_HEADER_CHARS - 3] + "..."

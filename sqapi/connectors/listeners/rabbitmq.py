@@ -53,6 +53,7 @@ from sqapi.connectors.listeners._amqp import (
     declare_topology,
     describe,
     retry_delays_ms,
+    trace_context_of,
     validate_config,
 )
 from sqapi.connectors.listeners._dead_letters import AmqpDeadLetters
@@ -141,7 +142,7 @@ class _Session:
         tag = method.delivery_tag
         self.unacked[tag] = False
         delivery = Delivery(id=f"{self.settings.queue_name}#{properties.message_id or tag}",
-                            attempt=attempt_of(properties))
+                            attempt=attempt_of(properties), trace_context=trace_context_of(properties))
         received = Received(body, delivery, _Tag(self, tag, properties))
         if self.inbox is None:
             self.early.append(received)
