@@ -167,7 +167,7 @@ def message_document(uuid: str) -> dict[str, Any] | None:
 
 @console.route("/dashboard/messages/<uuid>", methods=["GET"])
 def message_page(uuid: str) -> Response:
-    document = message_document(uuid) if "\x00" not in uuid else None
+    document = message_document(uuid)
     if document is None:
         return _page("message.html", status=404, uuid=uuid, message=None)
     return _page("message.html", uuid=uuid, message=document, redriven=request.args.get("redriven"),
