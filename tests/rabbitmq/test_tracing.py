@@ -24,6 +24,7 @@ from sqapi.cli import main
 from sqapi.config import Config
 from sqapi.connectors.listeners._amqp import Publisher
 from tests.rabbitmq.conftest import declare, listening, take_all, wait_until
+from tests.test_processor import FLAKY
 
 COUNTER = """
 def execute(config, database, message, metadata, data):
@@ -152,16 +153,6 @@ def test_post_messages_continues_the_callers_trace_into_the_amqp_headers(
                         properties.headers["traceparent"])
 
 
-FLAKY = """
-from pathlib import Path
-
-def execute(config, database, message, metadata, data):
-    marker = Path(config.custom["flaky_marker"])
-    if not marker.exists():
-        marker.write_text("failed once")
-        raise RuntimeError("first attempt fails")
-    return {"ok": True}
-"""
 
 
 def test_a_retried_message_keeps_its_traceparent_so_every_attempt_is_in_the_publishers_trace(
