@@ -180,6 +180,7 @@ def message_page(uuid: str) -> Response:
 def _selection_from(form: Any) -> tuple[Any, dict[str, str]]:
     """The redrive ``Selection`` a form describes, and the form's fields to carry to the confirmation."""
     from sqapi.redrive import Selection, SelectionError
+    from sqapi.times import parse_moment
 
     fields = {name: (form.get(name) or "").strip() for name in
               ("uuid", "status", "plugin", "since", "until", "q", "reason")}
@@ -205,7 +206,7 @@ def _selection_from(form: Any) -> tuple[Any, dict[str, str]]:
             raise SelectionError("the search finds no message")
 
     def moment(value: str | None) -> datetime | None:
-        return datetime.fromisoformat(value) if value else None
+        return parse_moment(value) if value else None
 
     selection = Selection(uuids=uuids, status=wanted.status, plugin=wanted.plugin, since=moment(wanted.since),
                           until=moment(wanted.until), reason=fields.get("reason"))

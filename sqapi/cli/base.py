@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
@@ -141,16 +141,18 @@ def port_option(func: Any) -> Any:
 
 def moment_option(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
     """A click callback: an ISO 8601 date or time (naive is UTC) as an aware datetime."""
-    from sqapi.redrive import SelectionError, parse_moment
+    from sqapi.times import parse_moment
 
     if value is None:
         return None
     try:
         return parse_moment(value)
-    except SelectionError as exc:
+    except ValueError as exc:
         raise click.BadParameter(str(exc), param=param) from None
 
 
 def utc_text(moment: datetime | None) -> str | None:
     """``moment`` as the status tables write times (ISO 8601 UTC, milliseconds); None stays None."""
-    return None if moment is None else moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    from sqapi.times import utc_text as text
+
+    return None if moment is None else text(moment)

@@ -37,6 +37,7 @@ from sqapi.core.results import OMITTED, dump_result, result_was_omitted  # noqa:
 from sqapi.core.status import FINAL_STATUSES, MESSAGE_STATUSES, Status  # noqa: F401  (MESSAGE_STATUSES re-exported)
 from sqapi.errors import PermanentError
 from sqapi.resources import CORE_SCRIPTS  # the folder holding the core schema (re-exported)
+from sqapi.times import utc_text
 
 #: The tables of the core schema.
 STATUS_TABLES = ("messages", "message_plugins")
@@ -126,7 +127,7 @@ def loader_name() -> str:
 
 def utcnow() -> str:
     """Now as ISO 8601 UTC with milliseconds: sorts as it reads, in SQLite text and PostgreSQL alike."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return utc_text(datetime.now(UTC))
 
 
 class Database(Protocol):
@@ -275,6 +276,12 @@ class StatusStore:
     def try_claim(self, uuid: str) -> AbstractContextManager[bool]:
         """:meth:`claim` without waiting: yields whether ``uuid`` is now held, False when another attempt holds it."""
         return self._keyed_locks().hold(uuid, wait=False)
+
+    def try_lock(self, name: str) -> AbstractContextManager[bool]:
+        """Hold the lock ``name`` for a long operation (``sqapi redrive``): yields True, or False at once when
+        another holds it.  This default is seen by the threads of one process; PostgreSQL's and SQLite's are
+        seen by every process using the same status database."""
+        return self._keyed_locks().hold(f"lock:{name}", wait=False)
 
     def _keyed_locks(self) -> KeyedLocks:
         with _CLAIMS_GUARD:
