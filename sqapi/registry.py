@@ -7,20 +7,23 @@ An unknown type is a :class:`~sqapi.errors.ConfigError` listing the types availa
 
 It is also the one place that looks at what a connector written elsewhere offers (sqAPI's
 connectors are modules whose functions are optional): :func:`validate_section`,
-:func:`database`, :func:`where`, :func:`missing_methods`, :func:`status_tables_found`.  Core, the
+:func:`database`, :func:`where`, :func:`missing_methods`, :func:`status_tables_found`,
+:func:`open_status_database`, :func:`listener_class`, :func:`try_lock`.  Core, the
 builder and the command line call these, never ``getattr`` on a connector.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import pkgutil
+from collections.abc import Iterator
 from importlib import metadata
 from types import ModuleType
 from typing import Any
 
-from sqapi.errors import ConfigError
+from sqapi.errors import ConfigError, SqapiError
 
 #: config topic -> connector package under sqapi.connectors
 TOPIC_PACKAGES = {
@@ -121,6 +124,48 @@ def status_tables_found(database: Any) -> bool | None:
     """Whether the status tables exist; None when the database type cannot tell."""
     has_tables = getattr(database, "has_status_tables", None)
     return bool(has_tables()) if callable(has_tables) else None
+
+
+class NoStatusDatabase(SqapiError):
+    """The status database holds no status tables: nothing was processed there yet."""
+
+
+def open_status_database(section: dict[str, Any], source: str | None = None) -> Any:
+    """The status database of ``section``, to read (and write) what was processed: its tables must exist --
+    nothing is created (no file, schema or table).  :class:`~sqapi.errors.SqapiError` when it cannot be
+    reached or holds no status tables; the caller closes it."""
+    made = database(section, source)
+    try:
+        found = status_tables_found(made)  # None: the type cannot tell; its queries will say
+    except SqapiError:
+        made.close()
+        raise
+    if found is False:
+        made.close()
+        where_ = where(made, section, with_schema=True) or section.get("type")
+        raise NoStatusDatabase(f"no status database at {where_}: run sqapi process/run first")
+    return made
+
+
+def listener_class(section: dict[str, Any], source: str | None = None) -> Any:
+    """The ``Listener`` of the ``msg_broker`` section's type; ConfigError when the type has none."""
+    module = resolve("msg_broker", str(section.get("type")), source=source)
+    found = getattr(module, "Listener", None)
+    if found is None:
+        raise ConfigError("msg_broker.type", f"'{section.get('type')}' has no Listener", "", source)
+    return found
+
+
+@contextlib.contextmanager
+def try_lock(database: Any, name: str) -> Iterator[bool]:
+    """The database's named lock for a long operation (``try_lock(name)``), held for the block: yields whether it
+    is held (False: another holds it).  A database type that offers none yields True: nothing to hold."""
+    lock = getattr(database, "try_lock", None)
+    if not callable(lock):
+        yield True
+        return
+    with lock(name) as held:
+        yield bool(held)
 
 
 def history(database: Any, uuid: str) -> list[dict[str, Any]]:

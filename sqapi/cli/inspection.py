@@ -138,21 +138,12 @@ def check(ctx: click.Context, config_path: str | None) -> None:
 def _open_database(ctx: click.Context, config_path: str | None) -> Any:
     """The status database, only to read: nothing is created (no file, schema or table)."""
     config = load(ctx, config_path, default_level="WARNING")
-    section = dict(config["database"])
     try:
-        database = registry.database(section, config.source)
+        return registry.open_status_database(dict(config["database"]), config.source)
+    except registry.NoStatusDatabase as exc:
+        raise click.ClickException(str(exc)) from None
     except SqapiError as exc:
         raise click.ClickException(f"cannot read the status database: {exc}") from None
-    try:
-        found = registry.status_tables_found(database)  # None: the type cannot tell; its queries will say
-    except SqapiError as exc:
-        database.close()
-        raise click.ClickException(f"cannot read the status database: {exc}") from None
-    if found is False:
-        database.close()
-        where = registry.where(database, section, with_schema=True) or section.get("type")
-        raise click.ClickException(f"no status database at {where}: run sqapi process/run first")
-    return database
 
 
 @main.command()
