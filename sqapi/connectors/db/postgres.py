@@ -93,6 +93,8 @@ _ADD_COLUMN_IF_NOT_EXISTS = re.compile(
     re.IGNORECASE)
 #: advisory lock namespaces (the two-int key space): schema set-up, and one lock per message uuid
 _LOCK_INIT, _LOCK_UUID = 0x5A9A, 0x5A9B
+#: the namespace of :meth:`Database.try_lock`'s named locks (keyed by schema and name)
+_LOCK_NAMED = 0x5A9C
 
 
 class _Pool(psycopg2.pool.ThreadedConnectionPool):
@@ -570,6 +572,31 @@ class Database(StatusStore):
             bound.broken = True
             if commit:
                 raise self._translate(exc, "COMMIT") from None
+
+    @contextmanager
+    def try_lock(self, name: str) -> Iterator[bool]:
+        """Hold the lock ``name`` of this schema, seen by every process on the server: a session advisory lock on
+        a connection of its own, kept for the block (a process killed meanwhile lets it go with its connection).
+        Yields False at once when another holds it."""
+        bound = _Bound(self._checkout())
+        try:
+            key = {"ns": _LOCK_NAMED, "name": name}
+            with bound.conn.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_lock(%(ns)s, hashtext(current_schema() || ':' || %(name)s))",
+                               key)
+                held = bool(cursor.fetchone()[0])
+            try:
+                yield held
+            finally:
+                if held and not bound.conn.closed:
+                    with bound.conn.cursor() as cursor:
+                        cursor.execute("SELECT pg_advisory_unlock(%(ns)s, hashtext(current_schema() || ':' || "
+                                       "%(name)s))", key)
+        except psycopg2.Error as exc:
+            bound.broken = True
+            raise self._translate(exc, f"lock {name}") from None
+        finally:
+            self._checkin(bound)
 
     @contextmanager
     def claim(self, uuid: str) -> Iterator[None]:

@@ -8,6 +8,8 @@ mode so that other processes (``sqapi status``, the API) read while the loader w
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import sqlite3
 import threading
@@ -164,6 +166,29 @@ class Database(StatusStore):
                 if "locked" in str(exc) or "unable to open" in str(exc):
                     raise ConnectorError(f"SQLite database '{self.path}' unavailable: {exc}") from None
                 raise
+
+    @contextmanager
+    def try_lock(self, name: str) -> Iterator[bool]:
+        """Hold the lock ``name`` of this database file, seen by every process: ``flock`` on ``<path>.<name>.lock``
+        beside it, let go when the block ends or the process dies.  Yields False at once when another holds it."""
+        if self.path == ":memory:":
+            with super().try_lock(name) as held:
+                yield held
+            return
+        path = f"{self.path}.{name}.lock"
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConnectorError(f"cannot open the lock file '{path}': {exc.strerror or exc}") from None
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(handle)  # lets the lock go
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
