@@ -9,8 +9,10 @@ DONE for the same data -- publishes the message, and marks its row re-published.
 
 Resumable: a killed run, run again, selects the messages not yet re-published (the row of P still
 holds the old version and the message is not marked re-published) -- those it left half-done
-included -- and nothing else; once a loader has run P on a message, its row holds the new
-version and no later run selects it.
+included, taken over by :func:`~sqapi.redrive.reopen`'s compare-and-set -- and nothing else; once
+a loader has run P on a message, its row holds the new version and no later run selects it.  A
+message killed between its publish confirm and its mark is published once more (the one repeat).
+It holds :data:`~sqapi.redrive.RUN_LOCK` like a redrive: one redrive or reprocess at a time.
 """
 
 from __future__ import annotations

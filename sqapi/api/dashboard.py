@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqapi.core.status import MESSAGE_STATUSES, Status
+from sqapi.redrive import like_pattern
+from sqapi.times import parse_moment, utc_text
 
 THROUGHPUT_MINUTES = 15
 LATENCY_SAMPLE = 500      # latest runs per plugin that latency percentiles are computed over
@@ -38,10 +40,6 @@ class PluginLatency:
     max_ms: float | None
 
 
-def _iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds")
-
-
 def _percentile(sorted_values: list[float], fraction: float) -> float | None:
     if not sorted_values:
         return None
@@ -64,7 +62,7 @@ def throughput(database: Any, now: datetime | None = None, minutes: int = THROUG
     for bucket in buckets:
         rows = database.execute_query(
             "SELECT status, COUNT(*) AS n FROM messages WHERE updated_at >= %(start)s AND updated_at < %(end)s "
-            "GROUP BY status", start=_iso(bucket.start), end=_iso(bucket.start + timedelta(minutes=1)))
+            "GROUP BY status", start=utc_text(bucket.start), end=utc_text(bucket.start + timedelta(minutes=1)))
         bucket.counts = {str(row["status"]): int(row["n"]) for row in rows}
     return buckets
 
@@ -103,11 +101,8 @@ FAILURE_RATE_HOURS = 24
 def _moment(text: str, name: str) -> str:
     """An ISO 8601 time (a date alone is its midnight, no zone is UTC) as the ISO text the queries compare."""
     try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return _iso(moment.astimezone(UTC))
-    except (ValueError, OverflowError):
+        return utc_text(parse_moment(text))
+    except ValueError:
         raise ValueError(f"{name} must be an ISO 8601 time, e.g. 2026-11-30 or 2026-11-30T06:00") from None
 
 
@@ -158,11 +153,6 @@ class MessageFilter:
         return bool(self.selection())
 
 
-def _like(text: str) -> str:
-    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
 def find_messages(database: Any, wanted: MessageFilter) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
     """One page of messages, newest ``updated_at`` first, each with ``failed_plugins``; and the cursor of the
     next page (``None`` on the last)."""
@@ -184,7 +174,7 @@ def find_messages(database: Any, wanted: MessageFilter) -> tuple[list[dict[str, 
         clauses.append("(m.uuid = %(q)s OR LOWER(m.uuid) LIKE %(pattern)s ESCAPE '\\' "
                        "OR LOWER(m.data_location) LIKE %(pattern)s ESCAPE '\\' "
                        "OR LOWER(m.meta_location) LIKE %(pattern)s ESCAPE '\\')")
-        params.update(q=wanted.q, pattern=_like(wanted.q))
+        params.update(q=wanted.q, pattern=like_pattern(wanted.q))
     if wanted.before and wanted.before_uuid:
         clauses.append("(m.updated_at < %(before)s OR (m.updated_at = %(before)s AND m.uuid > %(before_uuid)s))")
         params.update(before=wanted.before, before_uuid=wanted.before_uuid)
@@ -247,8 +237,8 @@ def failure_rates(database: Any, now: datetime | None = None, hours: int = FAILU
     end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     starts = [end - timedelta(hours=hours - i) for i in range(hours)]
     table, column = _history_source(database)
-    params: dict[str, Any] = {f"h{i}": _iso(start) for i, start in enumerate(starts)}
-    params.update(end=_iso(end), failed=Status.FAILED)
+    params: dict[str, Any] = {f"h{i}": utc_text(start) for i, start in enumerate(starts)}
+    params.update(end=utc_text(end), failed=Status.FAILED)
     columns = []
     for i in range(hours):
         upper = f"%(h{i + 1})s" if i + 1 < hours else "%(end)s"

@@ -24,12 +24,14 @@ def _echo_progress(line: str) -> None:
 @config_option
 @click.option("--uuid", "uuids", multiple=True, help="This message (repeat for more).")
 @click.option("--status", "status", type=click.Choice([str(s) for s in MESSAGE_STATUSES], case_sensitive=False),
-              help="Messages with this status. Default: FAILED (with --uuid: any but DONE, QUERYING, PROCESSING).")
+              help="Messages with this status. Default: FAILED (with --uuid: FAILED or VALIDATING; a RETRY one "
+                   "waits for its retry -- name --status RETRY to take it).")
 @click.option("--plugin", help="Messages this plugin did not finish (its row is not DONE).")
 @click.option("--since", callback=moment_option, help="Changed at or after this time (ISO 8601; UTC unless it says).")
 @click.option("--until", callback=moment_option, help="Changed at or before this time (ISO 8601; UTC unless it says).")
 @click.option("--reason", help="Whose reason (status info; the plugin's, with --plugin) contains this text, any case.")
-@click.option("--dry-run", is_flag=True, help="Only show what would be re-published; change nothing.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be re-published, from the status rows; change "
+              "nothing and take no dead letter (they are counted, not read).")
 @click.pass_context
 def redrive_command(ctx: click.Context, config_path: str | None, uuids: tuple[str, ...], status: str | None,
                     plugin: str | None, since: datetime | None, until: datetime | None, reason: str | None,
@@ -45,9 +47,14 @@ def redrive_command(ctx: click.Context, config_path: str | None, uuids: tuple[st
 
     Each selected message's status row is reopened (RETRY, its attempts counted from 1 again), the
     message is re-published with publisher confirms -- its dead letter's body when <queue>.dead (or
-    the spool's failed/) holds one, which is removed once the re-publish is confirmed -- and one line
-    per message says what was done.  Killed half-way, run it again: it finishes the rest, losing
-    nothing and re-publishing nothing already re-published.  Exit status 1 on an error.
+    the spool's failed/) held one when the run began, which is removed once the re-publish is
+    confirmed -- and one line per message says what was done.  A dead letter set aside during the
+    run (a re-published message failing again) stays for the next one.
+
+    One redrive or reprocess at a time per status database: a second one exits 1 at once.  Killed
+    half-way, run it again: it finishes the rest and loses nothing; a message killed between its
+    publish confirm and the mark of its row is published once more (its plugins run again only if
+    that first delivery failed).  Exit status 1 on an error.
     """
     config = load(ctx, config_path, default_level="WARNING")
     selection = Selection(uuids=uuids, status=status, plugin=plugin, since=since, until=until, reason=reason)
@@ -61,9 +68,13 @@ def redrive_command(ctx: click.Context, config_path: str | None, uuids: tuple[st
     except SqapiError as exc:
         click.echo(f"error: {exc} (what was re-published so far stays so: run again to finish)", err=True)
         sys.exit(1)
-    done = "would re-publish" if dry_run else "re-published"
-    click.echo(f"{len(report.selected)} selected, {done} {report.republished} ({report.from_dead} from dead letters)",
-               err=True)
+    if dry_run:
+        waiting = "" if report.dead_letters is None else \
+            f"; {report.dead_letters} dead letter(s) waiting, counted, not read"
+        click.echo(f"{len(report.selected)} selected, would re-publish {report.republished}{waiting}", err=True)
+        return
+    click.echo(f"{len(report.selected)} selected, re-published {report.republished} ({report.from_dead} from dead "
+               "letters)", err=True)
 
 
 @main.command("reprocess")
@@ -86,8 +97,11 @@ def reprocess_command(ctx: click.Context, config_path: str | None, plugin: str, 
 
     Each outdated message's rows for those plugins are reopened (RETRY) -- the only plugins a
     loader runs again on it -- and the message is re-published with publisher confirms, in
-    batches, one progress line per batch.  Killed half-way, run it again: it finishes the rest and
-    repeats nothing.  A message a loader has not taken up yet is not selected again.
+    batches, one progress line per batch.  A message a loader has not taken up yet is not selected
+    again.  One redrive or reprocess at a time per status database: a second one exits 1 at once.
+    Killed half-way, run it again: it finishes the rest; a message killed between its publish
+    confirm and the mark of its row is published once more (its plugins do not run twice: the
+    second delivery finds it DONE).
     """
     if not outdated:
         raise click.UsageError("say which messages: --outdated (those an older version of the plugin processed)")

@@ -3,6 +3,7 @@ status database in the real PostgreSQL (a schema per test), the redrive a subpro
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.rabbitmq.conftest import SQAPI, Loaders, count, declare, depth, message, publish, wait_until
+from tests.rabbitmq.conftest import (
+    SQAPI,
+    Loaders,
+    connection,
+    count,
+    declare,
+    depth,
+    message,
+    publish,
+    take_all,
+    wait_until,
+)
 
 FAILING = 10
 TOTAL = 100
@@ -177,10 +189,16 @@ def test_a_dry_run_shows_what_it_would_do_and_changes_nothing(
     done = sqapi(workdir, "redrive", "-c", str(setup), "--plugin", "flaky", "--dry-run")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == FAILING and all("FAILED: would re-publish from sqapi.dead" in line for line in lines)
+    assert len(lines) == FAILING and all(
+        "FAILED: would re-publish from sqapi.dead if it holds its dead letter, else from its status row" in line
+        for line in lines), done.stdout
+    assert "10 selected, would re-publish 10; 10 dead letter(s) waiting, counted, not read" in done.stderr
     assert status_db("SELECT uuid, status, info, attempts, updated_at FROM messages ORDER BY uuid") == before
     assert depth(vhost, "sqapi.dead") == FAILING
     assert depth(vhost, "sqapi") == 0
+    # no letter was ever delivered (and returned): a quorum queue counts each return against its delivery limit
+    assert all(not (properties.headers or {}).get("x-delivery-count")
+               for properties, _ in take_all(vhost, "sqapi.dead"))
 
 
 def test_a_selection_by_uuid_and_reason_takes_only_those(
@@ -193,6 +211,137 @@ def test_a_selection_by_uuid_and_reason_takes_only_those(
     nothing = sqapi(workdir, "redrive", "-c", str(setup), "--reason", "no failure says this")
     assert nothing.returncode == 0 and nothing.stdout == ""
     assert depth(vhost, "sqapi.dead") == FAILING - 2
+
+
+def test_a_uuid_waiting_for_its_retry_is_selected_only_by_an_explicit_status_retry(
+        setup: Path, workdir: Path, vhost: str, status_db: Callable[[str], list[dict[str, Any]]]) -> None:
+    status_db("UPDATE messages SET status = 'RETRY', info = 'attempt 1 of 2 failed' WHERE uuid = 'msg-3' "
+              "RETURNING uuid")  # its retry waits in the delay queue: publishing it again would make two
+    waiting = sqapi(workdir, "redrive", "-c", str(setup), "--uuid", "msg-3")
+    assert waiting.returncode == 0 and waiting.stdout == "", waiting.stdout
+    named = sqapi(workdir, "redrive", "-c", str(setup), "--uuid", "msg-3", "--status", "RETRY")
+    assert named.returncode == 0 and named.stdout.startswith("msg-3 RETRY: re-published"), named.stdout
+    assert depth(vhost, "sqapi") == 1
+
+
+# runs `sqapi redrive ARGS...` (argv[2:]); right after its first re-publish is confirmed, that message "fails again
+# at once": a new dead letter of it (its body, a reason header) is published to sqapi.dead -- as a loader would
+FAILS_AGAIN = """
+import json, sys
+import pika
+from sqapi.connectors.listeners._amqp import Publisher
+
+broker, original, calls = json.loads(sys.argv[1]), Publisher.publish, []
+
+def publish(self, body, *args, **kwargs):
+    original(self, body, *args, **kwargs)
+    calls.append(body)
+    if len(calls) == 1:
+        params = pika.ConnectionParameters(broker["host"], broker["port"], broker["vhost"],
+                                           pika.PlainCredentials(broker["user"], broker["password"]))
+        with pika.BlockingConnection(params) as conn:
+            channel = conn.channel()
+            channel.confirm_delivery()
+            channel.basic_publish("", "sqapi.dead", body, pika.BasicProperties(
+                delivery_mode=2, headers={"x-sqapi-reason": "failed again"}), mandatory=True)
+
+Publisher.publish = publish
+from sqapi.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_a_dead_letter_set_aside_while_a_redrive_runs_stays_for_the_next_one(
+        setup: Path, workdir: Path, vhost: str, broker: dict[str, Any]) -> None:
+    done = subprocess.run([sys.executable, "-c", FAILS_AGAIN, json.dumps(broker), "redrive", "-c", str(setup),
+                           "--plugin", "flaky", "--status", "FAILED"], cwd=workdir, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert "10 selected, re-published 10 (10 from dead letters)" in done.stderr
+    assert "another copy" not in done.stdout
+    first = done.stdout.split()[0]
+    left = take_all(vhost, "sqapi.dead")
+    assert [(json.loads(body)["uuid_ref"], (properties.headers or {}).get("x-sqapi-reason"))
+            for properties, body in left] == [(first, "failed again")]
+    assert depth(vhost, "sqapi") == FAILING
+
+
+# runs `sqapi redrive ARGS...` and pauses it after its 4th reopen (that message's row reopened, not yet published)
+# until a file "go" appears in its working directory; it writes "paused" when it gets there
+PAUSED_REDRIVE = """
+import os, sys, time
+import sqapi.redrive
+
+original, calls = sqapi.redrive.reopen, []
+
+def reopen(*args, **kwargs):
+    result = original(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 4:
+        open("paused", "w").close()
+        while not os.path.exists("go"):
+            time.sleep(0.05)
+    return result
+
+sqapi.redrive.reopen = reopen
+from sqapi.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_second_redrive_while_one_runs_is_refused_and_nothing_is_published_twice(
+        setup: Path, workdir: Path, vhost: str, status_db: Callable[[str], list[dict[str, Any]]]) -> None:
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_REDRIVE, "redrive", "-c", str(setup), "--plugin",
+                              "flaky", "--status", "FAILED"], cwd=workdir, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        wait_until(lambda: (workdir / "paused").exists() or first.poll() is not None, timeout=120,
+                   what="the first redrive paused half-way")
+        assert first.poll() is None, first.communicate()
+        # a second one -- a second terminal, a dashboard button clicked twice -- and a reprocess
+        second = sqapi(workdir, "redrive", "-c", str(setup), "--plugin", "flaky", "--status", "FAILED")
+        assert second.returncode == 1 and "another redrive or reprocess is running" in second.stderr, second.stderr
+        assert second.stdout == ""
+        dry = sqapi(workdir, "redrive", "-c", str(setup), "--plugin", "flaky", "--dry-run")  # a look is allowed
+        assert dry.returncode == 0, dry.stderr
+        assert depth(vhost, "sqapi") == 3
+    finally:
+        (workdir / "go").touch()
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert len(out.splitlines()) == FAILING
+    assert depth(vhost, "sqapi") == FAILING and depth(vhost, "sqapi.dead") == 0
+    assert count(status_db, "SELECT COUNT(*) AS n FROM messages WHERE status = 'RETRY' "
+                            "AND info LIKE 'redrive: re-published%'") == FAILING
+
+
+def set_aside(vhost: str, bodies: list[dict[str, Any]]) -> None:
+    """Dead letters, straight into ``sqapi.dead`` (the default exchange), confirmed."""
+    with connection(vhost) as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            channel.basic_publish("", "sqapi.dead", json.dumps(body).encode(), mandatory=True)
+
+
+def test_a_scan_of_the_dead_letters_reads_only_those_there_when_it_began(vhost: str, broker: dict[str, Any]) -> None:
+    from sqapi.connectors.listeners._dead_letters import AmqpDeadLetters
+
+    declare(vhost, broker)
+    set_aside(vhost, [message(n) for n in range(3)])
+    letters = AmqpDeadLetters(broker)
+    letters.open()
+    try:
+        read = []
+        for letter in letters.scan():
+            read.append(json.loads(letter.body)["uuid_ref"])
+            if len(read) == 1:
+                set_aside(vhost, [message("late")])
+        assert read == ["msg-0", "msg-1", "msg-2"]
+        assert letters.count() == 1  # the late one; the three read are held
+    finally:
+        letters.close()
+    assert depth(vhost, "sqapi.dead") == 4
 
 
 @pytest.mark.parametrize(("args", "says"), [

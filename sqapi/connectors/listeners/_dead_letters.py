@@ -1,11 +1,13 @@
 """Reading back what a listener type set aside -- RabbitMQ's ``<queue>.dead``, the spool folder's ``failed/`` --
 for ``sqapi redrive``.
 
-A :class:`DeadLetters` source yields each message set aside once per scan, holding it (an unacked
-delivery, a file left where it is) until :meth:`~DeadLetters.remove` drops it for good -- called
-only once its re-publish is confirmed -- or :meth:`~DeadLetters.close` returns every letter not
-removed, unchanged.  A scan killed half-way loses nothing: RabbitMQ returns unacked deliveries
-when the connection drops, and the spool's files stay until removed.
+A :class:`DeadLetters` source yields each message set aside once per scan -- those there when the
+scan began, never one set aside while it runs -- holding it (an unacked delivery, a file left
+where it is) until :meth:`~DeadLetters.remove` drops it for good -- called only once its
+re-publish is confirmed -- or :meth:`~DeadLetters.close` returns every letter not removed,
+unchanged.  :meth:`~DeadLetters.count` only counts them (a dry run), holding none.  A scan
+killed half-way loses nothing: RabbitMQ returns unacked deliveries when the connection drops,
+and the spool's files stay until removed.
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ class DeadLetter:
 class DeadLetters(Protocol):
     """Where a listener type sets messages aside, read back one scan at a time."""
 
+    @property
+    def name(self) -> str: ...
+
     def open(self) -> None: ...
+
+    def count(self) -> int: ...
 
     def scan(self) -> Iterator[DeadLetter]: ...
 
@@ -64,31 +71,55 @@ def _text(value: Any) -> str | None:
 
 class AmqpDeadLetters:
     """``<queue>.dead``: each message taken with ``basic_get`` (unacked, so held by this connection),
-    acked by :meth:`remove`; :meth:`close` returns the others to the queue."""
+    acked by :meth:`remove`; :meth:`close` returns the others to the queue.  A scan takes at most the
+    messages the queue held when it began (its ``message_count``): those published later are behind them."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.settings = BrokerSettings.from_config(config)
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
 
+    @property
+    def name(self) -> str:
+        return self.settings.dead_letter_name
+
     def open(self) -> None:
         self._connection = connect(self.settings)
         self._channel = self._connection.channel()
 
-    def scan(self) -> Iterator[DeadLetter]:
+    def count(self) -> int:
+        """The messages ready in ``<queue>.dead`` (a passive declare: none is taken); on a connection of its own
+        when not open."""
+        if self._connection is not None:
+            return self._depth()
+        self.open()
+        try:
+            return self._depth()
+        finally:
+            self.close()
+
+    def _depth(self) -> int:
         assert self._connection is not None and self._channel is not None, "open() first"
         queue = self.settings.dead_letter_name
         try:
             with deadline(self._connection, self.settings.confirm_timeout, f"a look at queue '{queue}'"):
-                self._channel.queue_declare(queue, passive=True)
+                return int(self._channel.queue_declare(queue, passive=True).method.message_count)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 404:  # no dead-letter queue: nothing was ever set aside
                 self._channel = self._connection.channel()
-                return
+                return 0
             raise ConnectorError(f"RabbitMQ at {self.settings.where()}: queue '{queue}': {describe(exc)}") \
                 from None
+        except (pika.exceptions.AMQPError, BrokerStalled) as exc:
+            raise ConnectorError(f"RabbitMQ at {self.settings.where()}: queue '{queue}': {describe(exc)}") \
+                from None
+
+    def scan(self) -> Iterator[DeadLetter]:
+        assert self._connection is not None and self._channel is not None, "open() first"
+        queue = self.settings.dead_letter_name
+        there = self._depth()  # a scan reads these only: a letter set aside while it runs stays for the next
         n = 0
-        while True:
+        while n < there:
             try:
                 with deadline(self._connection, self.settings.confirm_timeout, f"a get from queue '{queue}'"):
                     method, properties, body = self._channel.basic_get(queue, auto_ack=False)
@@ -134,15 +165,25 @@ class SpoolDeadLetters:
     def __init__(self, root: Path) -> None:
         self.folder = root / "failed"
 
+    @property
+    def name(self) -> str:
+        return str(self.folder)
+
     def open(self) -> None:
         return None
 
-    def scan(self) -> Iterator[DeadLetter]:
+    def _letters(self) -> list[Path]:
+        """The files set aside now (a list taken at once: a file set aside later is not in it)."""
         if not self.folder.is_dir():
-            return
-        for path in sorted(self.folder.iterdir()):
-            if path.name.endswith(".reason") or path.name.startswith(".") or not path.is_file():
-                continue
+            return []
+        return [path for path in sorted(self.folder.iterdir())
+                if not path.name.endswith(".reason") and not path.name.startswith(".") and path.is_file()]
+
+    def count(self) -> int:
+        return len(self._letters())
+
+    def scan(self) -> Iterator[DeadLetter]:
+        for path in self._letters():
             try:
                 body = path.read_bytes()
             except FileNotFoundError:  # removed meanwhile (another redrive)
