@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqapi.core.status import Status
+from sqapi.times import utc_text
 
 #: the message statuses ``sqapi prune --messages`` removes: work that will not run again by itself
 FINISHED = (Status.DONE, Status.FAILED)
@@ -53,7 +54,7 @@ class Pruned:
 
 def cutoff_of(older_than: timedelta, now: datetime | None = None) -> str:
     """``now - older_than`` as the ISO 8601 UTC text the status database writes (it compares and sorts alike)."""
-    return ((now or datetime.now(UTC)) - older_than).astimezone(UTC).isoformat(timespec="milliseconds")
+    return utc_text((now or datetime.now(UTC)) - older_than)
 
 
 def prune(database: Any, older_than: timedelta, messages: bool = False, dry_run: bool = False,
@@ -92,20 +93,29 @@ def _delete(database: Any, query: str, cutoff: str, progress: Callable[[int], No
 
 def _delete_messages(database: Any, cutoff: str, progress: Callable[[int], None] | None) -> int:
     """Finished messages last updated before ``cutoff``, a batch per transaction: each with its events (the table
-    has no foreign key, to keep its writes cheap) and its plugin rows (``ON DELETE CASCADE``)."""
+    has no foreign key, to keep its writes cheap) and its plugin rows (``ON DELETE CASCADE``).
+
+    The DELETE repeats the condition: a message reopened (a redrive) or taken up by a loader between the
+    SELECT and the DELETE is no longer finished and stays, its events with it."""
     total = 0
     while True:
         with database.transaction():
-            uuids = [row["uuid"] for row in database.execute_query(_SELECT_MESSAGES, cutoff=cutoff, batch=BATCH)]
+            found = [row["uuid"] for row in database.execute_query(_SELECT_MESSAGES, cutoff=cutoff, batch=BATCH)]
+            uuids: list[str] = []
+            if found:
+                names = {f"u{i}": uuid for i, uuid in enumerate(found)}
+                listed = ", ".join(f"%({name})s" for name in names)
+                uuids = [row["uuid"] for row in database.execute_query(
+                    f"DELETE FROM messages WHERE uuid IN ({listed}) AND {_FINISHED} RETURNING uuid",
+                    cutoff=cutoff, **names)]
             if uuids:
                 names = {f"u{i}": uuid for i, uuid in enumerate(uuids)}
                 listed = ", ".join(f"%({name})s" for name in names)
                 database.execute_query(f"DELETE FROM message_events WHERE uuid IN ({listed})", **names)
-                database.execute_query(f"DELETE FROM messages WHERE uuid IN ({listed})", **names)
         total += len(uuids)
         if progress is not None and uuids:
             progress(len(uuids))
-        if len(uuids) < BATCH:
+        if len(found) < BATCH:
             return total
 
 

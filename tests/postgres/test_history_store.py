@@ -122,6 +122,38 @@ def test_prune_with_messages_takes_their_newer_events_too(database: Any) -> None
     assert database.get_history("gone") == [] and database.get_message("gone") is None
 
 
+def test_prune_leaves_a_message_reopened_between_its_select_and_its_delete(
+        database: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redrive reopens ``old-1`` right after prune selected it (PostgreSQL: on another connection, committed;
+    SQLite, whose prune holds the write lock: in the same transaction): it is not finished any more and stays."""
+    import sqapi.history
+
+    for uuid in ("old-1", "old-2"):
+        _finished(database, uuid, "FAILED", long_ago=True)
+    other = registry.database(dict(database.config)) if database.config["type"] == "postgres" else database
+    query = database.execute_query
+
+    def select_then_reopen(sql: str, **params: Any) -> list[dict[str, Any]]:
+        rows = query(sql, **params)
+        if sql == sqapi.history._SELECT_MESSAGES:
+            other.execute_query("UPDATE messages SET status = 'RETRY', info = 'redrive: re-publishing', "
+                                "attempts = 0, updated_at = %(t)s WHERE uuid = 'old-1'", t=LONG_AGO)
+        return rows
+
+    monkeypatch.setattr(database, "execute_query", select_then_reopen)
+    try:
+        pruned = prune(database, timedelta(days=30), messages=True)
+    finally:
+        if other is not database:
+            other.close()
+    monkeypatch.undo()
+    assert pruned.messages == 1
+    assert database.get_message("old-2") is None
+    kept = database.get_message("old-1")
+    assert kept is not None and kept["status"] == "RETRY"
+    assert len(database.get_plugin_rows("old-1")) == 1
+
+
 def test_prune_works_through_more_rows_than_one_batch(database: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import sqapi.history
 
