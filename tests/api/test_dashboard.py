@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from flask.testing import FlaskClient
@@ -134,6 +134,19 @@ def test_the_token_never_appears_in_a_url_or_a_page(guarded: FlaskClient) -> Non
 def test_login_never_sends_anyone_to_another_site(guarded: FlaskClient) -> None:
     for target in ("https://evil.example/", "//evil.example/", "/\\evil.example", "evil"):
         assert sign_in(guarded, target).headers["Location"] == "/", target
+
+
+@pytest.mark.parametrize("control", ["\t", "\n", "\r", "\x7f", "\x01", "\x1f"])
+def test_a_next_with_a_control_character_goes_home_not_off_site_nor_to_a_500(
+        guarded: FlaskClient, control: str) -> None:
+    """A browser strips a tab or newline from a URL: ``/<TAB>/evil.example/`` would be ``//evil.example/``."""
+    for target in (f"/{control}/evil.example/", f"/dashboard{control}", f"/{control}"):
+        form = guarded.get(f"/login?next={quote(target, safe='')}")
+        assert form.status_code == 200 and 'name="next" value="/"' in form.get_data(as_text=True), repr(target)
+        answer = sign_in(guarded, target)
+        assert answer.status_code == 303 and answer.headers["Location"] == "/", repr(target)
+    assert sign_in(guarded, "/dashboard/messages/uuid-bad?x=1").headers["Location"] == \
+        "/dashboard/messages/uuid-bad?x=1"  # a path of this site still goes through
 
 
 # -- CSRF ---------------------------------------------------------------------------------------------
