@@ -7,7 +7,8 @@ An unknown type is a :class:`~sqapi.errors.ConfigError` listing the types availa
 
 It is also the one place that looks at what a connector written elsewhere offers (sqAPI's
 connectors are modules whose functions are optional): :func:`validate_section`,
-:func:`database`, :func:`where`, :func:`missing_methods`, :func:`status_tables_found`.  Core, the
+:func:`database`, :func:`where`, :func:`missing_methods`, :func:`status_tables_found`,
+:func:`has_history`.  Core, the
 builder and the command line call these, never ``getattr`` on a connector.
 """
 
@@ -121,6 +122,13 @@ def status_tables_found(database: Any) -> bool | None:
     """Whether the status tables exist; None when the database type cannot tell."""
     has_tables = getattr(database, "has_status_tables", None)
     return bool(has_tables()) if callable(has_tables) else None
+
+
+def has_history(database: Any) -> bool:
+    """Whether the database type keeps every attempt (``message_events``): it does when it offers ``get_history``,
+    as :func:`history` reads it.  Asks the type, never the database: one that is down is not mistaken for one
+    that keeps no history (the caller's own query then says it is down)."""
+    return callable(getattr(database, "get_history", None))
 
 
 def history(database: Any, uuid: str) -> list[dict[str, Any]]:

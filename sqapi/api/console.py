@@ -88,7 +88,8 @@ def overview(wanted: dashboard.MessageFilter) -> dict[str, Any]:
         starts, rates, source = _failure_rates(app)
     except ConnectorError as exc:
         state["errors"].append(f"status database unavailable: {exc}")
-        counts, rows, cursor, starts, rates, source = {}, [], None, [], [], "message_plugins"
+        counts, rows, cursor, starts, rates = {}, [], None, [], []
+        source = None  # not known: the database is down (not "no history")
     state.update(counts=counts, total=sum(counts.values()))
     state["messages"] = [{**row, "created_at": _when(row["created_at"]), "updated_at": _when(row["updated_at"]),
                           "page": url_for("console.message_page", uuid=row["uuid"])} for row in rows]

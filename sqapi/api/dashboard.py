@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqapi import registry
 from sqapi.core.status import MESSAGE_STATUSES, Status
 
 THROUGHPUT_MINUTES = 15
@@ -230,13 +231,11 @@ class FailureRate:
 
 
 def _history_source(database: Any) -> tuple[str, str]:
-    """(table, its time column): every attempt (``message_events``) when the database has it, else the latest
-    run of each plugin (``message_plugins``)."""
-    try:
-        database.execute_query("SELECT plugin, status, at FROM message_events WHERE 1 = 0")
+    """(table, its time column): every attempt (``message_events``) when the database type keeps it (the
+    registry says), else the latest run of each plugin (``message_plugins``)."""
+    if registry.has_history(database):
         return "message_events", "at"
-    except Exception:  # noqa: BLE001 (no events table in this schema: any driver's error says just that)
-        return "message_plugins", "updated_at"
+    return "message_plugins", "updated_at"
 
 
 def failure_rates(database: Any, now: datetime | None = None, hours: int = FAILURE_RATE_HOURS) \

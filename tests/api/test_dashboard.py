@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,6 +201,30 @@ def test_the_state_json_has_counts_messages_queues_and_failure_rates(processed: 
     assert picky["runs"][-1] == 3 and picky["rates"][-1] == pytest.approx(1 / 3)  # all in the current hour
     assert len(state["failure_rate"]["hours"]) == 24 and state["failure_rate"]["source"] == "message_events"
     assert state["errors"] == []
+
+
+def test_a_status_database_that_is_down_shows_as_down_not_as_no_history(
+        processed: Processed, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqapi import registry
+
+    assert registry.has_history(processed.sqapi.database)  # sqapi's types keep every attempt
+    assert not registry.has_history(object())              # one that offers no get_history keeps none
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))                         # a port nothing answers on: the database is down
+    port = listener.getsockname()[1]
+    listener.close()
+    down = registry.database({"type": "postgres", "schema": "sqapi_down", "connect_retry": {"attempts": 1},
+                              "connection": {"host": "127.0.0.1", "port": port, "user": "postgres",
+                                             "dbname": "postgres"}})
+    monkeypatch.setattr(processed.sqapi, "database", down)
+    try:
+        state = processed.client.get("/dashboard/state").get_json()
+        page = processed.client.get("/").get_data(as_text=True)
+    finally:
+        down.close()
+    assert any(error.startswith("status database unavailable") for error in state["errors"]), state["errors"]
+    assert state["failure_rate"]["source"] is None  # not "message_plugins": that would say "no history"
+    assert "not known: the status database is unavailable" in page and "from message_plugins" not in page
 
 
 def test_filters_select_by_status_plugin_and_time(processed: Processed) -> None:
