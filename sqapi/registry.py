@@ -8,7 +8,7 @@ An unknown type is a :class:`~sqapi.errors.ConfigError` listing the types availa
 It is also the one place that looks at what a connector written elsewhere offers (sqAPI's
 connectors are modules whose functions are optional): :func:`validate_section`,
 :func:`database`, :func:`where`, :func:`missing_methods`, :func:`status_tables_found`,
-:func:`has_history`.  Core, the
+:func:`listener_class`, :func:`has_history`.  Core, the
 builder and the command line call these, never ``getattr`` on a connector.
 """
 
@@ -122,6 +122,15 @@ def status_tables_found(database: Any) -> bool | None:
     """Whether the status tables exist; None when the database type cannot tell."""
     has_tables = getattr(database, "has_status_tables", None)
     return bool(has_tables()) if callable(has_tables) else None
+
+
+def listener_class(section: dict[str, Any], source: str | None = None) -> Any:
+    """The ``Listener`` of the ``msg_broker`` section's type; ConfigError when the type has none."""
+    module = resolve("msg_broker", str(section.get("type")), source=source)
+    found = getattr(module, "Listener", None)
+    if found is None:
+        raise ConfigError("msg_broker.type", f"'{section.get('type')}' has no Listener", "", source)
+    return found
 
 
 def has_history(database: Any) -> bool:

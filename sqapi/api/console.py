@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 
 from sqapi.api import dashboard, responding, session
-from sqapi.api.queues import QueueDepth, queue_depths
+from sqapi.api.queues import QueueWatch
 from sqapi.core.status import MESSAGE_STATUSES
 from sqapi.errors import ConnectorError, SqapiError
 
@@ -97,11 +97,10 @@ def overview(wanted: dashboard.MessageFilter) -> dict[str, Any]:
         if cursor else None
     state["failure_rate"] = {"hours": [start.strftime("%H:00") for start in starts], "source": source,
                              "plugins": [{**asdict(rate), "rates": rate.rates} for rate in rates]}
-    try:
-        depths: list[QueueDepth] = queue_depths(dict(app.sqapi.config.get("msg_broker") or {}))
-    except (SqapiError, OSError) as exc:
-        depths = []
-        state["errors"].append(f"message broker: {exc}")
+    watch = app.extensions.setdefault("sqapi.queue_watch", QueueWatch())
+    depths, broker_error = watch.read(dict(app.sqapi.config.get("msg_broker") or {}))
+    if broker_error:
+        state["errors"].append(f"message broker: {broker_error}")
     state["queues"] = [asdict(depth) for depth in depths]
     return state
 
