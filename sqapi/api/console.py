@@ -212,6 +212,28 @@ def _selection_from(form: Any) -> tuple[Any, dict[str, str]]:
     return selection, fields
 
 
+def redrive_differences(fields: dict[str, str]) -> list[str]:
+    """Where a redrive of these form fields selects otherwise than the list they came from shows -- said on the
+    confirmation page.  The rest is the same: status, since/until (both ends included), the search's uuids."""
+    if "uuid" in fields:
+        return []
+    said = []
+    if "status" not in fields:
+        said.append("The list shows messages of every status; a redrive takes "
+                    + ("those the search finds that are not DONE nor being processed now"
+                       if "q" in fields else "its FAILED ones only")
+                    + ": a DONE message has nothing left to run, one being processed is running. "
+                      "Choose a status to redrive messages of another.")
+    if "plugin" in fields:
+        said.append(f"The list shows every message plugin {fields['plugin']} has a result for; a redrive takes "
+                    f"those whose {fields['plugin']} did not finish (its result is not DONE): re-running it is "
+                    "what the redrive is for.")
+    if "reason" in fields:
+        said.append("Only the messages whose reason contains the text given are taken (the list does not filter "
+                    "by reason).")
+    return said
+
+
 @console.route("/dashboard/redrive", methods=["POST"])
 def redrive() -> Response:
     from sqapi.redrive import SelectionError, describe_selection
@@ -236,7 +258,8 @@ def redrive() -> Response:
             target = url_for("console.message_page", uuid=fields["uuid"], redriven=str(report.republished))
             return redirect(target, 303)  # type: ignore[return-value]
     return _page("redrive.html", fields=fields, report=report, confirmed=confirmed,
-                 shown=report.selected[:REDRIVE_SHOWN], described=describe_selection(selection))
+                 shown=report.selected[:REDRIVE_SHOWN], described=describe_selection(selection),
+                 differences=redrive_differences(fields))
 
 
 # -- signing in -------------------------------------------------------------------------------------

@@ -114,9 +114,9 @@ def _moment(text: str, name: str) -> str:
 
 @dataclass
 class MessageFilter:
-    """What the dashboard's message list shows: ``status``, ``plugin``, ``since``/``until`` (on
-    ``updated_at``), ``q`` (a uuid, or part of a data/meta location), a page of ``limit`` rows
-    after the cursor ``before``/``before_uuid``."""
+    """What the dashboard's message list shows: ``status``, ``plugin`` (one it has a row for), ``since``/``until``
+    (on ``updated_at``, both ends included), ``q`` (a uuid, or part of a data/meta location), a page of
+    ``limit`` rows after the cursor ``before``/``before_uuid``."""
 
     status: str | None = None
     plugin: str | None = None
@@ -178,8 +178,8 @@ def find_messages(database: Any, wanted: MessageFilter) -> tuple[list[dict[str, 
     if wanted.since:
         clauses.append("m.updated_at >= %(since)s")
         params["since"] = wanted.since
-    if wanted.until:
-        clauses.append("m.updated_at < %(until)s")
+    if wanted.until:  # both ends included, as redrive and `sqapi messages` select
+        clauses.append("m.updated_at <= %(until)s")
         params["until"] = wanted.until
     if wanted.q:
         clauses.append("(m.uuid = %(q)s OR LOWER(m.uuid) LIKE %(pattern)s ESCAPE '\\' "

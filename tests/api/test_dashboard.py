@@ -390,6 +390,53 @@ def test_a_filtered_selection_is_redriven_after_its_confirmation(processed: Proc
     assert [body["uuid_ref"] for body in spool_bodies(workdir)] == ["uuid-bad"]
 
 
+def button_selection(client: FlaskClient, query: str) -> tuple[list[str], str]:
+    """What the list's redrive button (its form, as the page has it) would redrive, and the confirmation page."""
+    page = client.get(f"/?{query}").get_data(as_text=True)
+    form = re.search(r'<form[^>]*id="redrive-selection">(.*?)</form>', page, re.S)
+    assert form, "the filtered list has no redrive button"
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form.group(1)))
+    answer = client.post("/dashboard/redrive", data=fields)  # no confirm: what it would do
+    html = answer.get_data(as_text=True)
+    assert answer.status_code == 200, html
+    return sorted(re.findall(r'<a href="/dashboard/messages/([^"]+)"><code>', html)), html
+
+
+def test_the_redrive_button_selects_what_the_list_shows(
+        processed: Processed, write_data: Callable[[str, bytes | str], str]) -> None:
+    """Status and time as the list has them, ``until`` included at both: a message changed at exactly ``until``
+    is listed and redriven (the list's ``until`` used to exclude it while redrive took it)."""
+    from sqapi.core.outcome import Delivery
+
+    for name in ("bad2", "bad3"):
+        location = write_data(f"{name}.txt", f"bad data of {name}")
+        outcome = processed.sqapi.process(json.dumps({"uuid_ref": f"uuid-{name}", "data_location": location}),
+                                          Delivery(id=name))
+        assert outcome.status == "FAILED"
+    for uuid, at in (("uuid-bad2", "2026-11-29T05:00:00+00:00"),       # at since
+                     ("uuid-bad", "2026-11-29T06:00:00+00:00"),        # at until
+                     ("uuid-bad3", "2026-11-29T06:00:00.001+00:00")):  # just after until
+        processed.sqapi.database.execute_query("UPDATE messages SET updated_at = %(at)s WHERE uuid = %(uuid)s",
+                                               at=at, uuid=uuid)
+    client = processed.client
+    query = "status=FAILED&since=2026-11-29T05:00&until=2026-11-29T06:00"
+    listed = uuids(client, query)
+    assert listed == ["uuid-bad", "uuid-bad2"]
+    selected, html = button_selection(client, query)
+    assert selected == listed
+    assert 'id="redrive-differs"' not in html  # nothing to tell: the same messages
+
+    # where a redrive must select otherwise, the confirmation says so plainly
+    listed = uuids(client, "plugin=picky")
+    assert listed == ["uuid-bad", "uuid-bad2", "uuid-bad3", "uuid-one", "uuid-two"]
+    selected, html = button_selection(client, "plugin=picky")
+    assert selected == ["uuid-bad", "uuid-bad2", "uuid-bad3"]
+    differs = re.search(r'<div id="redrive-differs">(.*?)</div>', html, re.S)
+    assert differs, html
+    assert "takes its FAILED ones only" in differs.group(1)
+    assert "those whose picky did not finish" in differs.group(1)
+
+
 def test_a_search_selects_the_messages_it_finds_for_a_redrive(processed: Processed) -> None:
     client = processed.client
     csrf = csrf_of(client.get("/").get_data(as_text=True))
