@@ -8,7 +8,7 @@ An unknown type is a :class:`~sqapi.errors.ConfigError` listing the types availa
 It is also the one place that looks at what a connector written elsewhere offers (sqAPI's
 connectors are modules whose functions are optional): :func:`validate_section`,
 :func:`database`, :func:`where`, :func:`missing_methods`, :func:`status_tables_found`,
-:func:`open_status_database`, :func:`listener_class`, :func:`try_lock`.  Core, the
+:func:`open_status_database`, :func:`listener_class`, :func:`try_lock`, :func:`has_history`.  Core, the
 builder and the command line call these, never ``getattr`` on a connector.
 """
 
@@ -166,6 +166,13 @@ def try_lock(database: Any, name: str) -> Iterator[bool]:
         return
     with lock(name) as held:
         yield bool(held)
+
+
+def has_history(database: Any) -> bool:
+    """Whether the database type keeps every attempt (``message_events``): it does when it offers ``get_history``,
+    as :func:`history` reads it.  Asks the type, never the database: one that is down is not mistaken for one
+    that keeps no history (the caller's own query then says it is down)."""
+    return callable(getattr(database, "get_history", None))
 
 
 def history(database: Any, uuid: str) -> list[dict[str, Any]]:

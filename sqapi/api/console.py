@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 
 from sqapi.api import dashboard, responding, session
-from sqapi.api.queues import QueueDepth, queue_depths
+from sqapi.api.queues import QueueWatch
 from sqapi.core.status import MESSAGE_STATUSES
 from sqapi.errors import ConnectorError, SqapiError
 
@@ -88,7 +88,8 @@ def overview(wanted: dashboard.MessageFilter) -> dict[str, Any]:
         starts, rates, source = _failure_rates(app)
     except ConnectorError as exc:
         state["errors"].append(f"status database unavailable: {exc}")
-        counts, rows, cursor, starts, rates, source = {}, [], None, [], [], "message_plugins"
+        counts, rows, cursor, starts, rates = {}, [], None, [], []
+        source = None  # not known: the database is down (not "no history")
     state.update(counts=counts, total=sum(counts.values()))
     state["messages"] = [{**row, "created_at": _when(row["created_at"]), "updated_at": _when(row["updated_at"]),
                           "page": url_for("console.message_page", uuid=row["uuid"])} for row in rows]
@@ -96,11 +97,10 @@ def overview(wanted: dashboard.MessageFilter) -> dict[str, Any]:
         if cursor else None
     state["failure_rate"] = {"hours": [start.strftime("%H:00") for start in starts], "source": source,
                              "plugins": [{**asdict(rate), "rates": rate.rates} for rate in rates]}
-    try:
-        depths: list[QueueDepth] = queue_depths(dict(app.sqapi.config.get("msg_broker") or {}))
-    except (SqapiError, OSError) as exc:
-        depths = []
-        state["errors"].append(f"message broker: {exc}")
+    watch = app.extensions.setdefault("sqapi.queue_watch", QueueWatch())
+    depths, broker_error = watch.read(dict(app.sqapi.config.get("msg_broker") or {}))
+    if broker_error:
+        state["errors"].append(f"message broker: {broker_error}")
     state["queues"] = [asdict(depth) for depth in depths]
     return state
 
@@ -213,6 +213,28 @@ def _selection_from(form: Any) -> tuple[Any, dict[str, str]]:
     return selection, fields
 
 
+def redrive_differences(fields: dict[str, str]) -> list[str]:
+    """Where a redrive of these form fields selects otherwise than the list they came from shows -- said on the
+    confirmation page.  The rest is the same: status, since/until (both ends included), the search's uuids."""
+    if "uuid" in fields:
+        return []
+    said = []
+    if "status" not in fields:
+        said.append("The list shows messages of every status; a redrive takes "
+                    + ("those the search finds that are not DONE nor being processed now"
+                       if "q" in fields else "its FAILED ones only")
+                    + ": a DONE message has nothing left to run, one being processed is running. "
+                      "Choose a status to redrive messages of another.")
+    if "plugin" in fields:
+        said.append(f"The list shows every message plugin {fields['plugin']} has a result for; a redrive takes "
+                    f"those whose {fields['plugin']} did not finish (its result is not DONE): re-running it is "
+                    "what the redrive is for.")
+    if "reason" in fields:
+        said.append("Only the messages whose reason contains the text given are taken (the list does not filter "
+                    "by reason).")
+    return said
+
+
 @console.route("/dashboard/redrive", methods=["POST"])
 def redrive() -> Response:
     from sqapi.redrive import SelectionError, describe_selection
@@ -237,7 +259,8 @@ def redrive() -> Response:
             target = url_for("console.message_page", uuid=fields["uuid"], redriven=str(report.republished))
             return redirect(target, 303)  # type: ignore[return-value]
     return _page("redrive.html", fields=fields, report=report, confirmed=confirmed,
-                 shown=report.selected[:REDRIVE_SHOWN], described=describe_selection(selection))
+                 shown=report.selected[:REDRIVE_SHOWN], described=describe_selection(selection),
+                 differences=redrive_differences(fields))
 
 
 # -- signing in -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqapi import registry
 from sqapi.core.status import MESSAGE_STATUSES, Status
 from sqapi.redrive import like_pattern
 from sqapi.times import parse_moment, utc_text
@@ -108,9 +109,9 @@ def _moment(text: str, name: str) -> str:
 
 @dataclass
 class MessageFilter:
-    """What the dashboard's message list shows: ``status``, ``plugin``, ``since``/``until`` (on
-    ``updated_at``), ``q`` (a uuid, or part of a data/meta location), a page of ``limit`` rows
-    after the cursor ``before``/``before_uuid``."""
+    """What the dashboard's message list shows: ``status``, ``plugin`` (one it has a row for), ``since``/``until``
+    (on ``updated_at``, both ends included), ``q`` (a uuid, or part of a data/meta location), a page of
+    ``limit`` rows after the cursor ``before``/``before_uuid``."""
 
     status: str | None = None
     plugin: str | None = None
@@ -167,8 +168,8 @@ def find_messages(database: Any, wanted: MessageFilter) -> tuple[list[dict[str, 
     if wanted.since:
         clauses.append("m.updated_at >= %(since)s")
         params["since"] = wanted.since
-    if wanted.until:
-        clauses.append("m.updated_at < %(until)s")
+    if wanted.until:  # both ends included, as redrive and `sqapi messages` select
+        clauses.append("m.updated_at <= %(until)s")
         params["until"] = wanted.until
     if wanted.q:
         clauses.append("(m.uuid = %(q)s OR LOWER(m.uuid) LIKE %(pattern)s ESCAPE '\\' "
@@ -220,13 +221,11 @@ class FailureRate:
 
 
 def _history_source(database: Any) -> tuple[str, str]:
-    """(table, its time column): every attempt (``message_events``) when the database has it, else the latest
-    run of each plugin (``message_plugins``)."""
-    try:
-        database.execute_query("SELECT plugin, status, at FROM message_events WHERE 1 = 0")
+    """(table, its time column): every attempt (``message_events``) when the database type keeps it (the
+    registry says), else the latest run of each plugin (``message_plugins``)."""
+    if registry.has_history(database):
         return "message_events", "at"
-    except Exception:  # noqa: BLE001 (no events table in this schema: any driver's error says just that)
-        return "message_plugins", "updated_at"
+    return "message_plugins", "updated_at"
 
 
 def failure_rates(database: Any, now: datetime | None = None, hours: int = FAILURE_RATE_HOURS) \

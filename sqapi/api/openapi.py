@@ -72,7 +72,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                "messages": {"type": ["integer", "null"]},
                                "consumers": {"type": ["integer", "null"]}}}},
             "failure_rate": {"type": "object", "required": ["hours", "plugins", "source"], "properties": {
-                "hours": {"type": "array", "items": {"type": "string"}}, "source": {"type": "string"},
+                "hours": {"type": "array", "items": {"type": "string"}},
+                "source": {"type": ["string", "null"], "description": "the table counted (message_events, or "
+                           "message_plugins for a database type that keeps no history); null: the status "
+                           "database is unavailable"},
                 "plugins": {"type": "array", "items": {
                     "type": "object", "required": ["plugin", "runs", "failed", "rates"],
                     "properties": {"plugin": {"type": "string"},

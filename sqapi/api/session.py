@@ -25,7 +25,7 @@ import hmac
 import os
 import secrets
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from flask import Flask, Response, g, redirect, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -158,7 +158,16 @@ def _unauthorized() -> Response:
 
 
 def safe_next(target: str | None) -> str:
-    """Where to go after signing in: a path on this site only (never another host)."""
+    """Where to go after signing in: a path on this site only (never another host), else ``/``.
+
+    Browsers drop tabs and newlines from a URL (``/\t/evil.example`` is ``//evil.example``, another host) and
+    a newline cannot go in a header at all: a target holding any control character is refused, as is one
+    whose parse names a scheme or a host."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in target):
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
         return "/"
     return target

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from flask.testing import FlaskClient
@@ -136,6 +137,19 @@ def test_login_never_sends_anyone_to_another_site(guarded: FlaskClient) -> None:
         assert sign_in(guarded, target).headers["Location"] == "/", target
 
 
+@pytest.mark.parametrize("control", ["\t", "\n", "\r", "\x7f", "\x01", "\x1f"])
+def test_a_next_with_a_control_character_goes_home_not_off_site_nor_to_a_500(
+        guarded: FlaskClient, control: str) -> None:
+    """A browser strips a tab or newline from a URL: ``/<TAB>/evil.example/`` would be ``//evil.example/``."""
+    for target in (f"/{control}/evil.example/", f"/dashboard{control}", f"/{control}"):
+        form = guarded.get(f"/login?next={quote(target, safe='')}")
+        assert form.status_code == 200 and 'name="next" value="/"' in form.get_data(as_text=True), repr(target)
+        answer = sign_in(guarded, target)
+        assert answer.status_code == 303 and answer.headers["Location"] == "/", repr(target)
+    assert sign_in(guarded, "/dashboard/messages/uuid-bad?x=1").headers["Location"] == \
+        "/dashboard/messages/uuid-bad?x=1"  # a path of this site still goes through
+
+
 # -- CSRF ---------------------------------------------------------------------------------------------
 def test_actions_with_the_cookie_but_without_the_csrf_token_are_refused(guarded: FlaskClient) -> None:
     sign_in(guarded)
@@ -187,6 +201,30 @@ def test_the_state_json_has_counts_messages_queues_and_failure_rates(processed: 
     assert picky["runs"][-1] == 3 and picky["rates"][-1] == pytest.approx(1 / 3)  # all in the current hour
     assert len(state["failure_rate"]["hours"]) == 24 and state["failure_rate"]["source"] == "message_events"
     assert state["errors"] == []
+
+
+def test_a_status_database_that_is_down_shows_as_down_not_as_no_history(
+        processed: Processed, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqapi import registry
+
+    assert registry.has_history(processed.sqapi.database)  # sqapi's types keep every attempt
+    assert not registry.has_history(object())              # one that offers no get_history keeps none
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))                         # a port nothing answers on: the database is down
+    port = listener.getsockname()[1]
+    listener.close()
+    down = registry.database({"type": "postgres", "schema": "sqapi_down", "connect_retry": {"attempts": 1},
+                              "connection": {"host": "127.0.0.1", "port": port, "user": "postgres",
+                                             "dbname": "postgres"}})
+    monkeypatch.setattr(processed.sqapi, "database", down)
+    try:
+        state = processed.client.get("/dashboard/state").get_json()
+        page = processed.client.get("/").get_data(as_text=True)
+    finally:
+        down.close()
+    assert any(error.startswith("status database unavailable") for error in state["errors"]), state["errors"]
+    assert state["failure_rate"]["source"] is None  # not "message_plugins": that would say "no history"
+    assert "not known: the status database is unavailable" in page and "from message_plugins" not in page
 
 
 def test_filters_select_by_status_plugin_and_time(processed: Processed) -> None:
@@ -350,6 +388,53 @@ def test_a_filtered_selection_is_redriven_after_its_confirmation(processed: Proc
                                                    "csrf_token": csrf})
     assert done.status_code == 200 and "1 message(s) re-published" in done.get_data(as_text=True)
     assert [body["uuid_ref"] for body in spool_bodies(workdir)] == ["uuid-bad"]
+
+
+def button_selection(client: FlaskClient, query: str) -> tuple[list[str], str]:
+    """What the list's redrive button (its form, as the page has it) would redrive, and the confirmation page."""
+    page = client.get(f"/?{query}").get_data(as_text=True)
+    form = re.search(r'<form[^>]*id="redrive-selection">(.*?)</form>', page, re.S)
+    assert form, "the filtered list has no redrive button"
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form.group(1)))
+    answer = client.post("/dashboard/redrive", data=fields)  # no confirm: what it would do
+    html = answer.get_data(as_text=True)
+    assert answer.status_code == 200, html
+    return sorted(re.findall(r'<a href="/dashboard/messages/([^"]+)"><code>', html)), html
+
+
+def test_the_redrive_button_selects_what_the_list_shows(
+        processed: Processed, write_data: Callable[[str, bytes | str], str]) -> None:
+    """Status and time as the list has them, ``until`` included at both: a message changed at exactly ``until``
+    is listed and redriven (the list's ``until`` used to exclude it while redrive took it)."""
+    from sqapi.core.outcome import Delivery
+
+    for name in ("bad2", "bad3"):
+        location = write_data(f"{name}.txt", f"bad data of {name}")
+        outcome = processed.sqapi.process(json.dumps({"uuid_ref": f"uuid-{name}", "data_location": location}),
+                                          Delivery(id=name))
+        assert outcome.status == "FAILED"
+    for uuid, at in (("uuid-bad2", "2026-11-29T05:00:00+00:00"),       # at since
+                     ("uuid-bad", "2026-11-29T06:00:00+00:00"),        # at until
+                     ("uuid-bad3", "2026-11-29T06:00:00.001+00:00")):  # just after until
+        processed.sqapi.database.execute_query("UPDATE messages SET updated_at = %(at)s WHERE uuid = %(uuid)s",
+                                               at=at, uuid=uuid)
+    client = processed.client
+    query = "status=FAILED&since=2026-11-29T05:00&until=2026-11-29T06:00"
+    listed = uuids(client, query)
+    assert listed == ["uuid-bad", "uuid-bad2"]
+    selected, html = button_selection(client, query)
+    assert selected == listed
+    assert 'id="redrive-differs"' not in html  # nothing to tell: the same messages
+
+    # where a redrive must select otherwise, the confirmation says so plainly
+    listed = uuids(client, "plugin=picky")
+    assert listed == ["uuid-bad", "uuid-bad2", "uuid-bad3", "uuid-one", "uuid-two"]
+    selected, html = button_selection(client, "plugin=picky")
+    assert selected == ["uuid-bad", "uuid-bad2", "uuid-bad3"]
+    differs = re.search(r'<div id="redrive-differs">(.*?)</div>', html, re.S)
+    assert differs, html
+    assert "takes its FAILED ones only" in differs.group(1)
+    assert "those whose picky did not finish" in differs.group(1)
 
 
 def test_a_search_selects_the_messages_it_finds_for_a_redrive(processed: Processed) -> None:

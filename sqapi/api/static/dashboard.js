@@ -89,7 +89,7 @@
         return el("td", {class: "rate " + kind, title: failed + " of " + runs + " runs failed",
                          text: r === null ? "" : Math.round(r * 100) + "%"});
       }),
-    ]), 1, "No plugin ran in these hours.");
+    ]), 1, rate.source ? "No plugin ran in these hours." : "Not known: the status database is unavailable.");
   }
 
   // -- one message -----------------------------------------------------------------------------

@@ -36,11 +36,12 @@ from sqapi.core.outcome import Delivery, Outcome
 
 if TYPE_CHECKING:
     from sqapi.connectors.listeners._dead_letters import DeadLetters
+    from sqapi.connectors.listeners._queue_depths import QueueDepth
 
 ProcessMessage = Callable[[bytes | str | Mapping[str, Any], Delivery], Outcome]
 
 __all__ = ["Inbox", "ProcessMessage", "Publisher", "Received", "SqapiListener", "Transport", "dead_letters_for",
-           "make_listener", "publisher_for"]
+           "make_listener", "publisher_for", "queue_depths_for"]
 
 
 class Transport:
@@ -86,6 +87,12 @@ class Transport:
     def dead_letters(cls, config: dict[str, Any]) -> DeadLetters:
         """Where this type sets messages aside, read back (``sqapi redrive``); NotImplementedError if it cannot."""
         raise NotImplementedError
+
+    @classmethod
+    def queue_depths(cls, config: dict[str, Any]) -> list[QueueDepth]:
+        """How much waits in each of this type's queues (the dashboard), asked within a bounded time;
+        :class:`~sqapi.errors.ConnectorError` when the source cannot be asked.  Default: nothing to show."""
+        return []
 
 
 class Publisher(Protocol):
@@ -138,6 +145,13 @@ def dead_letters_for(listener_class: Any, config: dict[str, Any]) -> DeadLetters
     if isinstance(listener_class, type) and issubclass(listener_class, Transport):
         return listener_class.dead_letters(config)
     raise NotImplementedError
+
+
+def queue_depths_for(listener_class: Any, config: dict[str, Any]) -> list[QueueDepth]:
+    """The depths of a listener type's queues (``[]`` for a type that shows none, or one not built on Transport)."""
+    if isinstance(listener_class, type) and issubclass(listener_class, Transport):
+        return listener_class.queue_depths(config)
+    return []
 
 
 def make_listener(listener_class: Any, config: dict[str, Any], process_message: ProcessMessage,

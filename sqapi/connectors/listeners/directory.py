@@ -30,12 +30,15 @@ from typing import IO, Any
 from sqapi.config import DEFAULT_WORKERS
 from sqapi.connectors.listeners import Inbox, Received, Transport
 from sqapi.connectors.listeners._dead_letters import SpoolDeadLetters
+from sqapi.connectors.listeners._queue_depths import QueueDepth, spool_queue_depths
 from sqapi.core.message import MAX_BODY_BYTES
 from sqapi.core.outcome import Action, Delivery, Outcome
 from sqapi.errors import ConfigError, ConnectorError
 
 log = logging.getLogger(__name__)
 
+#: the spool folder when the section names none (relative to the working directory)
+DEFAULT_SPOOL = ".sqapi/spool"
 PROCESSING, RETRY, DONE, FAILED = ".processing", "retry", "done", "failed"
 RETRY_SEPARATOR = "~"
 STARTING_GRACE = 60.0  # seconds a starting loader's staging folder is left alone
@@ -65,6 +68,11 @@ def validate_config(config: dict[str, Any]) -> None:
                               "set msg_broker.workers, e.g. 4")
 
 
+def spool_root(config: dict[str, Any]) -> Path:
+    """The spool folder of a ``msg_broker`` section: its ``directory``, else :data:`DEFAULT_SPOOL`."""
+    return Path(str(config.get("directory") or DEFAULT_SPOOL))
+
+
 def make_spool(root: Path) -> None:
     """The spool folder, created when missing; :class:`ConnectorError` when it cannot be."""
     try:
@@ -78,7 +86,7 @@ class Listener(Transport):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        self.root = Path(str(config.get("directory") or ".sqapi/spool"))
+        self.root = spool_root(config)
         self.poll_interval = float(config.get("poll_interval", 0.5))
         self.workers = int(config.get("workers") or DEFAULT_WORKERS)
         self.handback_delay = float(config.get("handback_delay", HANDBACK_DELAY))
@@ -171,7 +179,11 @@ class Listener(Transport):
 
     @classmethod
     def dead_letters(cls, config: dict[str, Any]) -> SpoolDeadLetters:
-        return SpoolDeadLetters(Path(str(config.get("directory") or ".sqapi/spool")))
+        return SpoolDeadLetters(spool_root(config))
+
+    @classmethod
+    def queue_depths(cls, config: dict[str, Any]) -> list[QueueDepth]:
+        return spool_queue_depths(spool_root(config), PROCESSING, RETRY, FAILED)
 
     def drained(self) -> bool:
         return not self._waiting() and not self._has_retry_waiting()
@@ -320,7 +332,7 @@ class SpoolPublisher:
     in as ``<uuid>-<random>.json`` -- a loader never reads a half-written file."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.root = Path(str(config.get("directory") or ".sqapi/spool"))
+        self.root = spool_root(config)
 
     def open(self) -> None:
         make_spool(self.root)

@@ -57,6 +57,7 @@ from sqapi.connectors.listeners._amqp import (
     validate_config,
 )
 from sqapi.connectors.listeners._dead_letters import AmqpDeadLetters
+from sqapi.connectors.listeners._queue_depths import QueueDepth, amqp_queue_depths
 from sqapi.core.outcome import Action, Delivery, Outcome, RetryPolicy
 from sqapi.errors import ConnectorError
 
@@ -294,6 +295,10 @@ class Listener(Transport):
     @classmethod
     def dead_letters(cls, config: dict[str, Any]) -> AmqpDeadLetters:
         return AmqpDeadLetters(config)
+
+    @classmethod
+    def queue_depths(cls, config: dict[str, Any]) -> list[QueueDepth]:
+        return amqp_queue_depths(config)
 
     @property
     def session(self) -> _Session:
