@@ -212,11 +212,11 @@ class Processor:
                 seen.add(w.message.uuid)
             # after the first round, one at a time with the blocking claim (it waits with backoff and
             # gives up after claim_timeout) instead of asking again for uuids another process holds
-            if not first_round:
+            if len(now) == 1 or not first_round:
                 with self.database.claim(now[0].message.uuid):
                     self._attempt(now[:1], outcomes)
                 later = now[1:] + later
-            else:  # claims and attempts together (one round trip on PostgreSQL), a lone message's too
+            else:  # claims and attempts together (one round trip on PostgreSQL)
                 tracing = self.tracing
                 writing = tracing.start_write([w.span for w in now], QUERYING) if tracing is not None else []
                 with self.database.claim_attempts([w.message for w in now], QUERYING) as recorded:
