@@ -139,12 +139,8 @@ class Dispatch:
         if self.pending:  # a worker another batch frees, or one to start: look again soon
             wakes.append(now + PENDING_POLL)
         wake = min(wakes)
-        timeout = None if wake == float("inf") else max(0.0, wake - now)
-        if len(self.assigned) == 1:  # one worker (a lone message's call): poll its socket, no selector to build
-            conn = next(iter(self.assigned))
-            ready: list[Any] = [conn] if conn.poll(timeout) else []
-        else:
-            ready = multiprocessing.connection.wait(list(self.assigned), timeout)
+        ready = multiprocessing.connection.wait(list(self.assigned), None if wake == float("inf")
+                                                else max(0.0, wake - now))
         for conn in ready:
             job = self.assigned[conn]
             self._answers(job)

@@ -161,11 +161,6 @@ class _Inbox:
                 self.cond.wait()
             return self.calls.popleft() if self.calls else None
 
-    def waiting(self) -> bool:
-        """Whether a call waits to start."""
-        with self.cond:
-            return bool(self.calls)
-
     def next_nowait(self) -> tuple[int, Any] | None:
         with self.cond:
             return self.calls.popleft() if self.calls and not self.stopping else None
@@ -197,12 +192,6 @@ class _Outbox:
 
     def flush(self) -> None:
         with self.cond:
-            self._send()
-
-    def send_with(self, reply: tuple[Any, ...]) -> None:
-        """Send what is held and ``reply`` at once."""
-        with self.cond:
-            self.held.append(reply)
             self._send()
 
     def _send(self) -> None:
@@ -259,12 +248,10 @@ def _serve(conn: Connection, spec: WorkerSpec, config: Any, module: types.Module
                 reason = f"MemoryError (over plugin.max_memory, {spec.max_memory // (1 << 20)} MiB)"
             reply = ("error", seq, logs.abbreviate(reason), is_retryable(exc), _traceback(exc),
                      time.monotonic() - started, time.monotonic(), recycle)
-        if recycle or not inbox.waiting():  # nothing queued behind it: the answer goes now, no flusher to wake
-            outbox.send_with(reply)
-            if recycle:
-                return
-        else:
-            outbox.add(reply)
+        outbox.add(reply)
+        if recycle:
+            outbox.flush()
+            return
 
 
 def _item_answer(outcome: Any) -> tuple[Any, ...]:
