@@ -142,7 +142,7 @@ class Dispatch:
         ready = multiprocessing.connection.wait(list(self.assigned), None if wake == float("inf")
                                                 else max(0.0, wake - now))
         for conn in ready:
-            job = self.assigned[conn]
+            job = self.assigned[conn]  # type: ignore[index]
             self._answers(job)
         now = time.monotonic()
         for job in list(self.assigned.values()):
