@@ -63,10 +63,11 @@ curl -fsS -o /dev/null -w "%{http_code}" "http://127.0.0.1:$port/health" | grep 
 curl -fsS "http://127.0.0.1:$port/" > dashboard.html || fail "the dashboard does not render"
 grep -q "pdf_extractor" dashboard.html && grep -q "DONE" dashboard.html \
     || fail "the dashboard shows neither the plugin nor the DONE message"
-curl -fsS "http://127.0.0.1:$port/static/dashboard.js" | grep -q "sqapi's dashboard" \
-    && curl -fsS "http://127.0.0.1:$port/static/dashboard.css" | grep -q "\.count" \
+# each answer to a file first: `curl | grep -q` fails under pipefail when grep stops reading early (curl: (23))
+curl -fsS "http://127.0.0.1:$port/static/dashboard.js" > dashboard.js && grep -q "sqapi's dashboard" dashboard.js \
+    && curl -fsS "http://127.0.0.1:$port/static/dashboard.css" > dashboard.css && grep -q "\.count" dashboard.css \
     || fail "the dashboard's script or style sheet is not in the wheel"
-curl -fsS "http://127.0.0.1:$port/pdf_extractor/$uuid/text" | grep -q "sqapi sample report" \
+curl -fsS "http://127.0.0.1:$port/pdf_extractor/$uuid/text" > text.json && grep -q "sqapi sample report" text.json \
     || fail "the PDF's text is not served"
 kill "$api_pid"; wait "$api_pid" 2>/dev/null || true; api_pid=""
 
