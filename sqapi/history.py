@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqapi.connectors.db import in_params
 from sqapi.core.status import Status
 from sqapi.times import utc_text
 
@@ -103,14 +104,12 @@ def _delete_messages(database: Any, cutoff: str, progress: Callable[[int], None]
             found = [row["uuid"] for row in database.execute_query(_SELECT_MESSAGES, cutoff=cutoff, batch=BATCH)]
             uuids: list[str] = []
             if found:
-                names = {f"u{i}": uuid for i, uuid in enumerate(found)}
-                listed = ", ".join(f"%({name})s" for name in names)
+                listed, names = in_params(found)
                 uuids = [row["uuid"] for row in database.execute_query(
                     f"DELETE FROM messages WHERE uuid IN ({listed}) AND {_FINISHED} RETURNING uuid",
                     cutoff=cutoff, **names)]
             if uuids:
-                names = {f"u{i}": uuid for i, uuid in enumerate(uuids)}
-                listed = ", ".join(f"%({name})s" for name in names)
+                listed, names = in_params(uuids)
                 database.execute_query(f"DELETE FROM message_events WHERE uuid IN ({listed})", **names)
         total += len(uuids)
         if progress is not None and uuids:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqapi.connectors.db import loader_name, utcnow
+from sqapi.connectors.db import in_params, loader_name, utcnow
 from sqapi.core.status import MESSAGE_STATUSES, Status
 from sqapi.errors import ConfigError, MessageError, SqapiError
 from sqapi.logs import abbreviate
@@ -130,17 +130,17 @@ def select_rows(database: Any, selection: Selection) -> list[dict[str, Any]]:
     """The ``messages`` rows a selection names, oldest change first -- and every row a killed run left pending."""
     clauses: list[str] = []
     params: dict[str, Any] = {"pending": PENDING + "%", "retry": Status.RETRY}
-    names = {f"s{i}": status for i, status in enumerate(selection.statuses())}
+    listed, names = in_params(selection.statuses(), "s")
     params.update(names)
-    clauses.append(f"m.status IN ({', '.join(f'%({n})s' for n in names)})")
+    clauses.append(f"m.status IN ({listed})")
     # a row re-published by an earlier redrive waits for a loader: only an explicit --status RETRY takes it
     if selection.status is None:
         clauses.append("NOT (m.status = %(retry)s AND COALESCE(m.info, '') LIKE %(published)s)")
         params["published"] = PUBLISHED + "%"
     if selection.uuids:
-        uuids = {f"u{i}": uuid for i, uuid in enumerate(dict.fromkeys(selection.uuids))}
+        listed, uuids = in_params(list(dict.fromkeys(selection.uuids)))
         params.update(uuids)
-        clauses.append(f"m.uuid IN ({', '.join(f'%({n})s' for n in uuids)})")
+        clauses.append(f"m.uuid IN ({listed})")
     if selection.since is not None:
         clauses.append("m.updated_at >= %(since)s")
         params["since"] = utc_text(selection.since)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqapi.config import Config
-from sqapi.connectors.db import utcnow
+from sqapi.connectors.db import in_params, utcnow
 from sqapi.core.status import Status
 from sqapi.redrive import SelectionError, body_for, mark_published, open_parts, reopen
 
@@ -147,10 +147,10 @@ def _republish(parts: Any, row: Mapping[str, Any], rerun: list[str], version: st
         pending = reopen(database, row, now, verb=PENDING)
         if pending is None:
             return False
-        names = {f"r{i}": name for i, name in enumerate(rerun)}
+        listed, names = in_params(rerun, "r")
         database.execute_query(
             f"UPDATE message_plugins SET status = %(retry)s, info = %(info)s, updated_at = %(now)s "
-            f"WHERE uuid = %(uuid)s AND plugin IN ({', '.join(f'%({n})s' for n in names)})",
+            f"WHERE uuid = %(uuid)s AND plugin IN ({listed})",
             retry=Status.RETRY, info=f"reprocess: {info}", now=now, uuid=uuid, **names)
     parts.publisher.publish(body_for(parts.broker, row), message_id=uuid)
     mark_published(database, uuid, pending, utcnow(), pending=PENDING, published=PUBLISHED)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqapi import registry
+from sqapi.connectors.db import in_params
 from sqapi.core.status import MESSAGE_STATUSES, Status
 from sqapi.redrive import like_pattern
 from sqapi.times import parse_moment, utc_text
@@ -189,8 +190,7 @@ def find_messages(database: Any, wanted: MessageFilter) -> tuple[list[dict[str, 
         "LIMIT %(limit)s", **params)
     failed: dict[str, list[str]] = {}
     if rows:
-        names = {f"u{i}": row["uuid"] for i, row in enumerate(rows)}
-        placeholders = ", ".join(f"%({name})s" for name in names)
+        placeholders, names = in_params([row["uuid"] for row in rows])
         for row in database.execute_query(
                 f"SELECT uuid, plugin FROM message_plugins WHERE status = %(failed)s AND uuid IN ({placeholders}) "
                 "ORDER BY plugin", failed=Status.FAILED, **names):

@@ -125,6 +125,12 @@ def loader_name() -> str:
     return _LOADER[1]
 
 
+def in_params(values: Sequence[Any], prefix: str = "u") -> tuple[str, dict[str, Any]]:
+    """``values`` as named parameters for ``IN (...)``: the placeholders (``%(u0)s, %(u1)s``) and their params."""
+    params = {f"{prefix}{i}": value for i, value in enumerate(values)}
+    return ", ".join(f"%({name})s" for name in params), params
+
+
 def utcnow() -> str:
     """Now as ISO 8601 UTC with milliseconds: sorts as it reads, in SQLite text and PostgreSQL alike."""
     return utc_text(datetime.now(UTC))
@@ -373,9 +379,8 @@ class StatusStore:
         """:meth:`record_attempt` for several messages (distinct uuids) at once: their rows as they were."""
         if len(messages) == 1:
             return [self.record_attempt(messages[0], status)]
-        names = {f"u{i}": m.uuid for i, m in enumerate(messages)}
+        placeholders, names = in_params([m.uuid for m in messages])
         with self.transaction():
-            placeholders = ", ".join(f"%({name})s" for name in names)
             rows = self.execute_query(f"SELECT * FROM messages WHERE uuid IN ({placeholders})", **names)
             found = {row["uuid"]: row for row in rows}
             previous = [found.get(m.uuid) for m in messages]
@@ -423,8 +428,7 @@ class StatusStore:
 
     def forget_plugin_rows(self, uuids: list[str]) -> None:
         """Delete the plugin rows of ``uuids`` (their data changed: what plugins did with the old data is void)."""
-        names = {f"u{i}": uuid for i, uuid in enumerate(uuids)}
-        placeholders = ", ".join(f"%({name})s" for name in names)
+        placeholders, names = in_params(uuids)
         self.execute_query(f"DELETE FROM message_plugins WHERE uuid IN ({placeholders})", **names)
 
     def restart_attempts(self, attempts: dict[str, int]) -> None:
