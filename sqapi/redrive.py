@@ -41,14 +41,14 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqapi.connectors.db import in_params, loader_name, utcnow
 from sqapi.core.status import MESSAGE_STATUSES, Status
 from sqapi.errors import ConfigError, MessageError, SqapiError
 from sqapi.logs import abbreviate
-from sqapi.times import utc_text
+from sqapi.times import as_utc, utc_text
 
 __all__ = ["PENDING", "PUBLISHED", "RUN_LOCK", "Report", "Selection", "SelectionError", "like_pattern", "redrive"]
 
@@ -94,7 +94,7 @@ class Selection:
         if self.status is not None and self.status.upper() == Status.DONE:
             raise SelectionError("a DONE message has nothing left to run; to run a plugin again on messages "
                                  "an older version of it processed, use `sqapi reprocess --plugin P --outdated`")
-        if self.since is not None and self.until is not None and _utc(self.since) > _utc(self.until):
+        if self.since is not None and self.until is not None and as_utc(self.since) > as_utc(self.until):
             raise SelectionError(f"since ({utc_text(self.since)}) is after until ({utc_text(self.until)})")
         if any(not isinstance(u, str) or not u.strip() for u in self.uuids):
             raise SelectionError("a uuid to select is blank")
@@ -114,10 +114,6 @@ class Report:
     from_dead: int = 0                                               # of those, drained from .dead / failed/
     dead_letters: int | None = None                                  # dry run: letters waiting there (not read)
     lines: list[str] = dataclasses.field(default_factory=list)      # one per message: what was / would be done
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def like_pattern(text: str) -> str:
