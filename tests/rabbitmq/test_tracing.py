@@ -63,16 +63,21 @@ def one(spans: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
     return found
 
 
-def test_a_traced_publish_is_continued_by_the_loaders_process_span_and_its_trace_id_recorded(
-        traced: Sqapi, provider: TracerProvider, exporter: InMemorySpanExporter, broker: dict[str, Any]) -> None:
+def publish_traced(provider: TracerProvider, broker: dict[str, Any], uuid: str) -> None:
+    """Publish a message for ``item.txt`` inside a publish span of ``provider``, its ``traceparent`` in the headers."""
     publisher = Publisher(broker)
     publisher.open()  # declares the topology
     try:
-        with tracing.publishing(provider.get_tracer("test"), broker, "t-1") as headers:
-            publisher.publish(json.dumps({"uuid_ref": "t-1", "data_location": "item.txt"}).encode(),
-                              message_id="t-1", headers=headers)
+        with tracing.publishing(provider.get_tracer("test"), broker, uuid) as headers:
+            publisher.publish(json.dumps({"uuid_ref": uuid, "data_location": "item.txt"}).encode(),
+                              message_id=uuid, headers=headers)
     finally:
         publisher.close()
+
+
+def test_a_traced_publish_is_continued_by_the_loaders_process_span_and_its_trace_id_recorded(
+        traced: Sqapi, provider: TracerProvider, exporter: InMemorySpanExporter, broker: dict[str, Any]) -> None:
+    publish_traced(provider, broker, "t-1")
 
     with listening(traced):
         wait_until(lambda: any(s.name == "process sqapi" for s in exporter.get_finished_spans()),
@@ -164,14 +169,7 @@ def test_a_retried_message_keeps_its_traceparent_so_every_attempt_is_in_the_publ
     app = build(make_config({"msg_broker": broker, "active_plugins": ["flaky"],
                              "custom": {"flaky_marker": str(workdir / "flaky")}}), tracer_provider=provider)
     try:
-        publisher = Publisher(broker)
-        publisher.open()
-        try:
-            with tracing.publishing(provider.get_tracer("test"), broker, "r-1") as headers:
-                publisher.publish(json.dumps({"uuid_ref": "r-1", "data_location": "item.txt"}).encode(),
-                                  message_id="r-1", headers=headers)
-        finally:
-            publisher.close()
+        publish_traced(provider, broker, "r-1")
         with listening(app):
             wait_until(lambda: len([s for s in exporter.get_finished_spans() if s.name == "process sqapi"]) == 2,
                        what="two attempts' process spans")
